@@ -1,0 +1,5 @@
+import sys
+
+from camserve.cli import main
+
+sys.exit(main())

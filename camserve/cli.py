@@ -1,0 +1,40 @@
+"""The ``camserve`` command: export, serve, explain.
+
+Subcommands import their component only when run, so ``camserve explain`` needs just the
+thin client and ``camserve serve`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from camserve.errors import CamserveError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from camserve.client import cli as client_cli
+    from camserve.export import cli as export_cli
+    from camserve.server import cli as server_cli
+
+    parser = argparse.ArgumentParser(prog="camserve", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    export_cli.add_parser(subparsers)
+    server_cli.add_parser(subparsers)
+    client_cli.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except CamserveError as exc:
+        print(f"camserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Graph contract v1: what an explainer ONNX file promises to the server and to edge users.
+
+Inputs:
+  ``image``   float32 [B,3,H,W], already preprocessed (see ``Preprocessing``)
+  ``targets`` int64 [B,K]; t >= 0 is a class index, t = -r is "the r-th highest logit"
+Outputs:
+  ``logits``      float32 [B,N]
+  ``classes``     int64 [B,K], the targets resolved to class indices
+  per target layer, an activations/gradients pair (names in the ``camserve.layers`` metadata;
+  with one layer they are ``activations`` [B,C,h,w] and ``gradients`` [B,K,C,h,w],
+  gradients[b,k] = d logits[b, classes[b,k]] / d activations[b]).
+
+Everything else the server needs travels in the model's metadata_props, one JSON value per
+key (``METADATA_KEYS``). This module is pure Python: the exporter writes it, the server and
+the client read it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from camserve.errors import CamserveError
+
+CONTRACT_VERSION = 1
+
+IMAGE = "image"
+TARGETS = "targets"
+LOGITS = "logits"
+CLASSES = "classes"
+ACTIVATIONS = "activations"
+GRADIENTS = "gradients"
+
+KEY_CONTRACT = "camserve.contract_version"
+KEY_VERSION = "camserve.version"
+KEY_ARCH = "camserve.architecture"
+KEY_LABELS = "camserve.labels"
+KEY_PREPROCESSING = "camserve.preprocessing"
+KEY_LAYERS = "camserve.layers"
+METADATA_KEYS = (KEY_CONTRACT, KEY_VERSION, KEY_ARCH, KEY_LABELS, KEY_PREPROCESSING, KEY_LAYERS)
+
+
+class ContractError(CamserveError):
+    """A model file does not follow graph contract v1."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a photo becomes the ``image`` input.
+
+    RGB uint8 photo -> resize (shorter side to ``resize``, bilinear) -> center crop to
+    ``crop`` = (height, width) -> x * ``scale`` -> (x - mean) / std per channel -> [1,3,H,W].
+    Grayscale photos are replicated to three channels (``grayscale="replicate"``).
+    """
+
+    resize: int
+    crop: tuple[int, int]
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    scale: float = 1.0 / 255.0
+    channel_order: str = "RGB"
+    interpolation: str = "bilinear"
+    grayscale: str = "replicate"
+
+    @classmethod
+    def imagenet(cls, size: int) -> "Preprocessing":
+        """torchvision's ImageNet evaluation transform at input ``size`` (resize 256/224)."""
+        return cls(resize=int(round(size * 256 / 224)), crop=(size, size))
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["crop"] = list(self.crop)
+        out["mean"] = list(self.mean)
+        out["std"] = list(self.std)
+        return out
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> "Preprocessing":
+        try:
+            return cls(
+                resize=int(value["resize"]),
+                crop=(int(value["crop"][0]), int(value["crop"][1])),
+                mean=tuple(float(v) for v in value["mean"]),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in value["std"]),  # type: ignore[arg-type]
+                scale=float(value.get("scale", 1.0 / 255.0)),
+                channel_order=str(value.get("channel_order", "RGB")),
+                interpolation=str(value.get("interpolation", "bilinear")),
+                grayscale=str(value.get("grayscale", "replicate")),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ContractError(f"preprocessing metadata is malformed: {exc!r}") from exc
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One explained layer: its module name and the graph outputs that carry it.
+
+    ``shape`` is (C, h, w) of the activations.
+    """
+
+    name: str
+    activations: str
+    gradients: str
+    shape: tuple[int, int, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "activations": self.activations,
+                "gradients": self.gradients, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> "Layer":
+        try:
+            return cls(str(value["name"]), str(value["activations"]), str(value["gradients"]),
+                       tuple(int(v) for v in value["shape"]))  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ContractError(f"layer metadata is malformed: {exc!r}") from exc
+
+
+def layer_output_names(layer_names: list[str]) -> list[tuple[str, str]]:
+    """(activations, gradients) output names per layer: plain names for a single layer."""
+    if len(layer_names) == 1:
+        return [(ACTIVATIONS, GRADIENTS)]
+    return [(f"{ACTIVATIONS}.{n}", f"{GRADIENTS}.{n}") for n in layer_names]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything the metadata of an explainer graph says about it."""
+
+    architecture: str
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing
+    layers: tuple[Layer, ...]
+    camserve_version: str = ""
+    contract_version: int = CONTRACT_VERSION
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        """metadata_props entries, each value JSON."""
+        return {
+            KEY_CONTRACT: json.dumps(self.contract_version),
+            KEY_VERSION: json.dumps(self.camserve_version),
+            KEY_ARCH: json.dumps(self.architecture),
+            KEY_LABELS: json.dumps(list(self.labels)),
+            KEY_PREPROCESSING: json.dumps(self.preprocessing.to_json()),
+            KEY_LAYERS: json.dumps([layer.to_json() for layer in self.layers]),
+        }
+
+    @classmethod
+    def from_metadata(cls, props: Mapping[str, str]) -> "ModelCard":
+        missing = [k for k in METADATA_KEYS if k not in props]
+        if missing:
+            raise ContractError(f"metadata lacks {', '.join(missing)}; "
+                                "is this a file written by 'camserve export'?")
+        try:
+            values = {k: json.loads(props[k]) for k in METADATA_KEYS}
+        except json.JSONDecodeError as exc:
+            raise ContractError(f"metadata value is not JSON: {exc}") from exc
+        version = values[KEY_CONTRACT]
+        if version != CONTRACT_VERSION:
+            raise ContractError(f"graph contract version {version!r} is not supported "
+                                f"(this camserve reads version {CONTRACT_VERSION})")
+        labels = values[KEY_LABELS]
+        layers = values[KEY_LAYERS]
+        if not isinstance(labels, list) or not isinstance(layers, list) or not layers:
+            raise ContractError("metadata labels and layers must be non-empty JSON lists")
+        return cls(
+            architecture=str(values[KEY_ARCH]),
+            labels=tuple(str(label) for label in labels),
+            preprocessing=Preprocessing.from_json(values[KEY_PREPROCESSING]),
+            layers=tuple(Layer.from_json(layer) for layer in layers),
+            camserve_version=str(values[KEY_VERSION]),
+            contract_version=int(version),
+        )
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        known = ", ".join(layer.name for layer in self.layers)
+        raise KeyError(f"unknown layer {name!r}; this model explains: {known}")

@@ -1,0 +1,56 @@
+"""``camserve export``: write NAME.onnx for a named architecture."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a classifier as an explainer ONNX graph",
+        description="Export a classifier as one ONNX graph emitting logits, activations and "
+                    "class-gradients (graph contract v1). Nothing is downloaded.")
+    p.add_argument("--arch", default="efficientnet_lite0",
+                   help="torchvision architecture name, or efficientnet_lite0 (pretrained, "
+                        "the default)")
+    p.add_argument("--weights", type=Path, help="local state_dict file for --arch")
+    p.add_argument("--layer", action="append", dest="layers", metavar="NAME",
+                   help="target layer by module name (repeatable; default: the last "
+                        "convolutional block)")
+    p.add_argument("--input-size", type=int, help="model input height = width (default: the "
+                   "architecture's evaluation size)")
+    p.add_argument("--name", help="file name without .onnx (default: the architecture)")
+    p.add_argument("--out", type=Path, default=Path("models"), help="output folder")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from camserve.contract import Preprocessing
+    from camserve.export import export_explainer
+    from camserve.export.models import load
+
+    loaded = load(args.arch, args.weights)
+    if not loaded.pretrained:
+        print(f"WARNING: {args.arch} has RANDOM weights (no --weights given): its explanations "
+              "mean nothing. Pass --weights FILE with a local state_dict.", file=sys.stderr)
+    preprocessing = loaded.preprocessing
+    if args.input_size:
+        size = args.input_size
+        resize = int(round(size * preprocessing.resize / preprocessing.crop[0]))
+        preprocessing = Preprocessing(resize, (size, size), preprocessing.mean,
+                                      preprocessing.std, preprocessing.scale,
+                                      preprocessing.channel_order, preprocessing.interpolation,
+                                      preprocessing.grayscale)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.name or args.arch}.onnx"
+    result = export_explainer(loaded.module, path, target_layers=args.layers,
+                              input_size=preprocessing.crop, labels=loaded.labels,
+                              preprocess=preprocessing, architecture=loaded.architecture)
+    layer_text = ", ".join(f"{layer.name} {list(layer.shape)}" for layer in result.card.layers)
+    if result.default_layer_chosen:
+        layer_text += " (chosen automatically: the last convolutional block)"
+    print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB): "
+          f"{loaded.architecture}, layers {layer_text}")
+    return 0

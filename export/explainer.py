@@ -1,0 +1,138 @@
+"""``export_explainer``: a PyTorch classifier becomes one explainer ONNX file (contract v1)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+import torch
+
+import camserve
+from camserve import contract
+from camserve.contract import Layer, ModelCard, Preprocessing
+from camserve.errors import CamserveError
+from camserve.export import graph, layers
+
+
+class ExportError(CamserveError):
+    """The model cannot be exported as asked."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    card: ModelCard
+    default_layer_chosen: bool
+
+
+def export_explainer(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    target_layers: Sequence[str] | None = None,
+    input_size: int | tuple[int, int] = 224,
+    labels: Sequence[str] | None = None,
+    preprocess: Preprocessing | None = None,
+    architecture: str = "custom",
+) -> ExportResult:
+    """Write ``path``: the explainer graph of ``model`` with its metadata.
+
+    ``model`` maps float32 [B,3,H,W] to logits [B,N]. ``target_layers`` are submodule
+    names (default: the last convolutional block). ``input_size`` is H = W or (H, W);
+    ``labels`` default to "class <i>"; ``preprocess`` defaults to the ImageNet evaluation
+    transform at that size. The file appears whole or not at all.
+    """
+    height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
+    model = model.eval()
+    example = torch.zeros(1, 3, height, width)
+    found = layers.candidates(model, example)
+    chosen_default = not target_layers
+    names = [layers.default_layer(found)] if chosen_default else list(target_layers or [])
+    chosen = layers.check_layers(names, found)
+
+    with torch.no_grad():
+        logits = model(example)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ExportError("the model must return one logits tensor [B,N]; "
+                          f"it returned {type(logits).__name__}")
+    num_classes = int(logits.shape[1])
+    labels = list(labels) if labels is not None else [f"class {i}" for i in range(num_classes)]
+    if len(labels) != num_classes:
+        raise ExportError(f"{len(labels)} labels given for a model with {num_classes} classes")
+    preprocess = preprocess or Preprocessing(resize=int(round(min(height, width) * 256 / 224)),
+                                             crop=(height, width))
+
+    output_names = contract.layer_output_names(names)
+    card = ModelCard(
+        architecture=architecture, labels=tuple(labels), preprocessing=preprocess,
+        layers=tuple(Layer(c.name, act, grad, c.shape)
+                     for c, (act, grad) in zip(chosen, output_names)),
+        camserve_version=camserve.__version__)
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ExportError(f"output folder {str(path.parent)!r} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"output folder {str(path.parent)!r} is not writable")
+    with tempfile.TemporaryDirectory(prefix="camserve-export-") as scratch:
+        forward = _export_forward(model, names, example, Path(scratch) / "forward.onnx")
+        tensors = [graph.LayerTensors(f"camserve_layer_{i}", act, grad)
+                   for i, (act, grad) in enumerate(output_names)]
+        explainer = graph.build_explainer(forward, tensors)
+    for key, value in card.to_metadata().items():
+        explainer.metadata_props.add(key=key, value=value)
+    explainer.doc_string = f"camserve explainer for {architecture} (graph contract v1)"
+    _write_atomically(explainer, path)
+    return ExportResult(path, card, chosen_default)
+
+
+def _export_forward(model: torch.nn.Module, names: list[str], example: torch.Tensor,
+                    scratch: Path) -> onnx.ModelProto:
+    """The forward graph: image -> logits, camserve_layer_0, camserve_layer_1, ..."""
+
+    class Forward(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, image: torch.Tensor):
+            with layers.capture(self.model, names) as store:
+                logits = self.model(image)
+            return (logits, *[store[n] for n in names])
+
+    wrapper = Forward().eval()
+    outputs = [contract.LOGITS] + [f"camserve_layer_{i}" for i in range(len(names))]
+    axes = {name: {0: "B"} for name in [contract.IMAGE] + outputs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, (example,), str(scratch), dynamo=False,
+                          input_names=[contract.IMAGE], output_names=outputs,
+                          dynamic_axes=axes, opset_version=graph.OPSET,
+                          do_constant_folding=True)
+    model.eval()  # the exporter restores training flags; keep the model as we found it
+    return onnx.load(str(scratch))
+
+
+def _write_atomically(model: onnx.ModelProto, path: Path) -> None:
+    if model.ByteSize() > 2**31 - 1:
+        raise ExportError("the explainer graph is over 2 GB, the limit of a single ONNX file")
+    try:
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial",
+                                        dir=path.parent)
+    except OSError as exc:
+        raise ExportError(f"cannot write into {str(path.parent)!r}: {exc.strerror}") from exc
+    os.close(handle)
+    try:
+        onnx.save_model(model, temp)
+        os.replace(temp, path)
+    except OSError as exc:
+        Path(temp).unlink(missing_ok=True)
+        raise ExportError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,408 @@
+"""Turn a forward ONNX graph into an explainer graph (graph contract v1).
+
+The forward graph comes from ``torch.onnx.export`` and has the input ``image`` [B,3,H,W] and
+the outputs ``logits`` [B,N] plus one activation tensor [B,C,h,w] per target layer. For each
+layer we cut out the *head* (every node on a path from the activations to the logits),
+differentiate it with onnx-ad's reverse mode, and graft the adjoint back:
+
+    image ─forward─► activations ─head─► logits ─TopK/Where─► classes ─OneHot─► seeds [B,N,K]
+                          └────────────── head adjoint (seeds) ──────────────► gradients [B,K,C,h,w]
+
+A head made only of batch-independent operators (pooling + fully connected layers) is
+differentiated with the symbolic batch directly, and its recomputed primal nodes are
+merged with the forward ones. A head with convolutions needs fully static shapes in onnx-ad,
+so it is differentiated at batch 1 and run per sample inside an ONNX ``Scan`` over the
+batch axis. Finally, every node whose inputs are all constant (the adjoint's weight
+transposes) is folded at export time so that nothing of it runs per call.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnx_ad import UnsupportedOperator, reverse
+
+from camserve import contract
+from camserve.errors import CamserveError
+
+OPSET = 17
+_SEED = "adj_" + contract.LOGITS  # onnx-ad's name for the seed of ``logits``
+
+
+class GraphBuildError(CamserveError):
+    """The forward graph cannot be turned into an explainer graph."""
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """A layer's activation output in the forward graph and the names it gets in v1."""
+
+    forward_name: str
+    activations: str
+    gradients: str
+
+
+def build_explainer(forward: onnx.ModelProto, layers: list[LayerTensors]) -> onnx.ModelProto:
+    """Explainer graph from a forward graph (inputs: image; outputs: logits, activations...).
+
+    Returns a model with inputs ``image`` [B,3,H,W], ``targets`` int64 [B,K] and outputs
+    ``logits`` [B,N], ``classes`` [B,K], then per layer activations [B,C,h,w] and gradients
+    [B,K,C,h,w]. Raises GraphBuildError when a head cannot be differentiated.
+    """
+    light, weights = _split_weights(forward)
+    forward = onnx.shape_inference.infer_shapes(fold_constants(light), strict_mode=True)
+    graph = forward.graph
+    num_classes = _static_dims(_value_info(graph, contract.LOGITS))[1]
+
+    nodes = list(graph.node)
+    initializers = list(graph.initializer) + weights
+    produced = {out for node in nodes for out in node.output}
+    outputs = [_value_info(graph, contract.LOGITS)]
+
+    resolve_nodes, seeds = _resolve_targets(num_classes)
+    nodes += resolve_nodes
+    outputs.append(helper.make_tensor_value_info(contract.CLASSES, TensorProto.INT64, ["B", "K"]))
+
+    for index, layer in enumerate(layers):
+        head = _extract_head(forward, layer.forward_name)
+        scope = f"explain/{index}/"
+        try:
+            adjoint_nodes, adjoint_inits, adjoint_out = _batched_adjoint(head, seeds, scope)
+            adjoint_nodes = [n for n in adjoint_nodes if not set(n.output) <= produced]
+        except (UnsupportedOperator, ValueError):
+            adjoint_nodes, adjoint_inits, adjoint_out = _scanned_adjoint(head, seeds, scope)
+        nodes += adjoint_nodes
+        initializers += adjoint_inits
+        # adjoint [B,C,h,w,K] -> gradients [B,K,C,h,w]
+        nodes.append(helper.make_node("Transpose", [adjoint_out], [layer.gradients],
+                                      perm=[0, 4, 1, 2, 3]))
+        if layer.activations != layer.forward_name:
+            nodes.append(helper.make_node("Identity", [layer.forward_name], [layer.activations]))
+        c, h, w = _static_dims(_value_info(graph, layer.forward_name))[1:]
+        outputs.append(helper.make_tensor_value_info(layer.activations, TensorProto.FLOAT,
+                                                     ["B", c, h, w]))
+        outputs.append(helper.make_tensor_value_info(layer.gradients, TensorProto.FLOAT,
+                                                     ["B", "K", c, h, w]))
+
+    image = copy.deepcopy(next(v for v in graph.input if v.name == contract.IMAGE))
+    targets = helper.make_tensor_value_info(contract.TARGETS, TensorProto.INT64, ["B", "K"])
+    explainer = helper.make_graph(nodes, "camserve_explainer", [image, targets], outputs,
+                                  initializer=initializers)
+    model = helper.make_model(explainer, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="camserve")
+    model.ir_version = forward.ir_version
+    model = fold_constants(model)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _split_weights(model: onnx.ModelProto, max_elements: int = 4096):
+    """A copy of ``model`` whose large initializers are graph inputs, and those initializers.
+
+    Shape inference and onnx-ad serialise the model many times; without the weights that
+    takes milliseconds instead of minutes for VGG-sized classifiers. The weights stay
+    constants for the differentiation (they are never differentiated inputs).
+    """
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    weights = [init for init in model.graph.initializer if int(np.prod(init.dims)) > max_elements]
+    names = {w.name for w in weights}
+    small = [init for init in light.graph.initializer if init.name not in names]
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(small)
+    light.graph.input.extend(
+        helper.make_tensor_value_info(w.name, w.data_type, list(w.dims)) for w in weights)
+    return light, weights
+
+
+def _resolve_targets(num_classes: int) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes that resolve ``targets`` into ``classes`` and one-hot seeds [B,N,K].
+
+    A negative target -r picks the r-th highest logit; indices are clipped into [0, N) so the
+    graph is defined for any input (the server validates ranges before running it).
+    """
+    n = num_classes
+    const = {
+        "resolve/n": np.array([n], np.int64),
+        "resolve/zero": np.array(0, np.int64),
+        "resolve/one": np.array(1, np.int64),
+        "resolve/last": np.array(n - 1, np.int64),
+        "resolve/depth": np.array([n], np.int64),
+        "resolve/onehot_values": np.array([0.0, 1.0], np.float32),
+    }
+    nodes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(v, name))
+             for name, v in const.items()]
+    nodes += [
+        helper.make_node("TopK", [contract.LOGITS, "resolve/n"],
+                         ["resolve/sorted_logits", "resolve/ranking"], axis=1),
+        helper.make_node("Neg", [contract.TARGETS], ["resolve/neg"]),
+        helper.make_node("Sub", ["resolve/neg", "resolve/one"], ["resolve/rank"]),
+        helper.make_node("Clip", ["resolve/rank", "resolve/zero", "resolve/last"],
+                         ["resolve/rank_clipped"]),
+        helper.make_node("GatherElements", ["resolve/ranking", "resolve/rank_clipped"],
+                         ["resolve/ranked"], axis=1),
+        helper.make_node("Clip", [contract.TARGETS, "resolve/zero", "resolve/last"],
+                         ["resolve/explicit"]),
+        helper.make_node("GreaterOrEqual", [contract.TARGETS, "resolve/zero"],
+                         ["resolve/is_class"]),
+        helper.make_node("Where", ["resolve/is_class", "resolve/explicit", "resolve/ranked"],
+                         [contract.CLASSES]),
+        # OneHot along axis 1: classes [B,K] -> seeds [B,N,K]
+        helper.make_node("OneHot", [contract.CLASSES, "resolve/depth", "resolve/onehot_values"],
+                         ["resolve/seeds"], axis=1),
+    ]
+    return nodes, "resolve/seeds"
+
+
+@dataclass
+class _Head:
+    """The activations -> logits part of the forward graph, as a standalone model.
+
+    ``model`` inputs: the activations first, then every other tensor the head reads from
+    the rest of the network (a skip connection crossing the cut), then the large weights
+    (kept outside while differentiating); output: ``logits``.
+    """
+
+    model: onnx.ModelProto
+    activations: str
+    num_boundary: int  # the first inputs are tensors [B,...]; the rest are weights
+
+    @property
+    def boundary(self) -> list[onnx.ValueInfoProto]:
+        return list(self.model.graph.input[: self.num_boundary])
+
+    @property
+    def weights(self) -> set[str]:
+        return {v.name for v in self.model.graph.input[self.num_boundary:]}
+
+
+def _extract_head(forward: onnx.ModelProto, activations: str) -> _Head:
+    graph = forward.graph
+    weights = [v.name for v in graph.input if v.name != contract.IMAGE]
+    constants = {init.name for init in graph.initializer} | set(weights)
+    constant_nodes = []
+    for node in graph.node:  # e.g. Identity nodes the exporter adds for shared weights
+        if all(i in constants for i in node.input if i):
+            constant_nodes.append(node)
+            constants.update(node.output)
+
+    # nodes downstream of the activations
+    downstream: set[str] = {activations}
+    below: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if any(i in downstream for i in node.input):
+            below.append(node)
+            downstream.update(node.output)
+    if contract.LOGITS not in downstream:
+        raise GraphBuildError(f"the logits do not depend on the activations {activations!r}")
+    # ... that the logits need
+    needed = {contract.LOGITS}
+    head_nodes = []
+    for node in reversed(below):
+        if any(o in needed for o in node.output):
+            head_nodes.append(node)
+            needed.update(node.input)
+    head_nodes.reverse()
+    head_nodes = [n for n in constant_nodes if set(n.output) & needed] + head_nodes
+    head_outputs = {o for n in head_nodes for o in n.output}
+    used = {i for n in head_nodes for i in n.input if i}
+    boundary = [activations] + sorted(
+        name for name in used - head_outputs - constants - {activations})
+    head_weights = [name for name in weights if name in used]
+    inits = [init for init in graph.initializer if init.name in used]
+    inputs = [_value_info(graph, name) for name in boundary + head_weights]
+    head_graph = helper.make_graph(head_nodes, "head", inputs,
+                                   [_value_info(graph, contract.LOGITS)], initializer=inits)
+    model = helper.make_model(head_graph, opset_imports=list(forward.opset_import))
+    model.ir_version = forward.ir_version
+    return _Head(onnx.shape_inference.infer_shapes(model), activations, len(boundary))
+
+
+def _batched_adjoint(head: _Head, seeds: str, scope: str):
+    """Adjoint of the head with the symbolic batch: nodes, initializers, output [B,C,h,w,K].
+
+    Primal node names are kept, so the caller can drop those the forward graph already has.
+    """
+    adjoint = reverse(head.model, inputs=[head.activations], outputs=[contract.LOGITS],
+                      layout="onnx")
+    renamed = _prefixed(adjoint.graph, scope, keep=_primal_names(head.model))
+    nodes = [helper.make_node("Identity", [seeds], [scope + _SEED])] + list(renamed.node)
+    primal_inits = {i.name for i in head.model.graph.initializer}
+    inits = [i for i in renamed.initializer if i.name not in primal_inits]
+    return nodes, inits, scope + "adj_" + head.activations
+
+
+def _scanned_adjoint(head: _Head, seeds: str, scope: str):
+    """Adjoint of a head with convolutions: batch-1 adjoint run per sample in a Scan.
+
+    Scan inputs are the head's boundary tensors [B,...] and the seeds [B,N,K]; each step
+    unsqueezes its slices to batch 1, runs the adjoint and squeezes the result back, so the
+    Scan output is [B,C,h,w,K].
+    """
+    single = _at_batch_one(head)
+    try:
+        adjoint = reverse(single, inputs=[head.activations], outputs=[contract.LOGITS],
+                          layout="onnx")
+    except (UnsupportedOperator, ValueError) as exc:
+        raise GraphBuildError(f"cannot differentiate the head after {head.activations!r}: "
+                              f"{exc}") from exc
+    body_scope = scope + "step/"
+    body = _prefixed(adjoint.graph, body_scope, keep=head.weights)
+    axes = body_scope + "axis0"
+    nodes = [helper.make_node("Constant", [], [axes],
+                              value=numpy_helper.from_array(np.array([0], np.int64), axes))]
+    body_inputs = []
+    for value in list(single.graph.input[: head.num_boundary]) + [_seed_info(adjoint)]:
+        sliced = body_scope + "slice/" + value.name
+        dims = _dims(value)[1:]
+        body_inputs.append(helper.make_tensor_value_info(
+            sliced, value.type.tensor_type.elem_type, dims))
+        nodes.append(helper.make_node("Unsqueeze", [sliced, axes], [body_scope + value.name]))
+    nodes += list(body.node)
+    out = body_scope + "adj_" + head.activations
+    step_out = body_scope + "result"
+    nodes.append(helper.make_node("Squeeze", [out, axes], [step_out]))
+    c, h, w = _static_dims(single.graph.input[0])[1:]
+    body_graph = helper.make_graph(
+        nodes, "adjoint_step", body_inputs,
+        [helper.make_tensor_value_info(step_out, TensorProto.FLOAT, [c, h, w, "K"])],
+        initializer=list(body.initializer))
+    result = scope + "adjoint"
+    scan_inputs = [value.name for value in head.boundary] + [seeds]
+    scan = helper.make_node("Scan", scan_inputs, [result], body=body_graph,
+                            num_scan_inputs=len(scan_inputs))
+    return [scan], [], result
+
+
+def _at_batch_one(head: _Head) -> onnx.ModelProto:
+    """The head with its batch fixed to 1 and shapes re-inferred (what onnx-ad's Conv needs)."""
+    single = copy.deepcopy(head.model)
+    for value in single.graph.input[: head.num_boundary]:
+        value.type.tensor_type.shape.dim[0].Clear()
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    del single.graph.value_info[:]
+    single.graph.output[0].type.tensor_type.shape.dim[0].Clear()
+    single.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    return onnx.shape_inference.infer_shapes(single, data_prop=True)
+
+
+def _seed_info(adjoint: onnx.ModelProto) -> onnx.ValueInfoProto:
+    return next(v for v in adjoint.graph.input if v.name == _SEED)
+
+
+def _primal_names(model: onnx.ModelProto) -> set[str]:
+    names = {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+    names |= {i.name for i in model.graph.initializer}
+    names |= {o for n in model.graph.node for o in n.output}
+    return names
+
+
+def _prefixed(graph: onnx.GraphProto, scope: str, keep: set[str]) -> onnx.GraphProto:
+    """A copy of ``graph`` with every value name not in ``keep`` prefixed by ``scope``."""
+    out = copy.deepcopy(graph)
+    names = {v.name for v in out.input} | {v.name for v in out.output}
+    names |= {i.name for i in out.initializer} | {o for n in out.node for o in n.output}
+    mapping = {name: scope + name for name in names if name and name not in keep}
+    for node in out.node:
+        _rename_io(node, mapping)
+        node.name = scope + node.name if node.name else ""
+    for init in out.initializer:
+        init.name = mapping.get(init.name, init.name)
+    for value in list(out.input) + list(out.output):
+        value.name = mapping.get(value.name, value.name)
+    del out.value_info[:]
+    return out
+
+
+def _rename_io(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
+    for i, name in enumerate(node.input):
+        if name in mapping:
+            node.input[i] = mapping[name]
+    for i, name in enumerate(node.output):
+        if name in mapping:
+            node.output[i] = mapping[name]
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            _rename_subgraph_reads(attr.g, mapping)
+
+
+def _rename_subgraph_reads(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
+    for node in graph.node:
+        _rename_io(node, mapping)
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Evaluate, once, every node whose inputs are all constants; store results as weights.
+
+    This is what keeps the adjoint's ``Transpose(W)`` of fully connected weights from
+    running at every call. Control-flow bodies are folded too. Unused weights are dropped.
+    """
+    _fold_graph(model.graph, model.opset_import)
+    return model
+
+
+def _fold_graph(graph: onnx.GraphProto, opsets) -> None:
+    from onnx.reference import ReferenceEvaluator
+
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _fold_graph(attr.g, opsets)
+    initializers = {init.name: init for init in graph.initializer}
+    folded: dict[str, np.ndarray] = {}
+
+    def value(name: str) -> np.ndarray:
+        return folded[name] if name in folded else numpy_helper.to_array(initializers[name])
+
+    kept: list[onnx.NodeProto] = []
+    for node in graph.node:
+        has_subgraph = any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute)
+        inputs = [name for name in node.input if name]
+        if (node.op_type.startswith("Random") or has_subgraph or node.domain not in ("", "ai.onnx")
+                or not all(name in initializers or name in folded for name in inputs)):
+            kept.append(node)
+            continue
+        single = helper.make_node(node.op_type, list(node.input), list(node.output),
+                                  **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+        results = ReferenceEvaluator(single, opsets=OPSET).run(
+            None, {name: value(name) for name in inputs})
+        for name, result in zip(node.output, results):
+            folded[name] = np.asarray(result)
+    reads = {i for n in kept for i in n.input} | {o.name for o in graph.output}
+    reads |= _subgraph_reads(kept)
+    new_inits = [init for init in graph.initializer if init.name in reads]
+    new_inits += [numpy_helper.from_array(folded[name], name) for name in folded if name in reads]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.initializer[:]
+    graph.initializer.extend(new_inits)
+
+
+def _subgraph_reads(nodes) -> set[str]:
+    reads: set[str] = set()
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                reads |= {i for n in attr.g.node for i in n.input}
+                reads |= _subgraph_reads(attr.g.node)
+    return reads
+
+
+def _value_info(graph: onnx.GraphProto, name: str) -> onnx.ValueInfoProto:
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.name == name:
+            return copy.deepcopy(value)
+    raise GraphBuildError(f"no shape is known for tensor {name!r}")
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in value.type.tensor_type.shape.dim]
+
+
+def _static_dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return _dims(value)
