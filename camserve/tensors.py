@@ -1,0 +1,46 @@
+"""NumPy arrays <-> ``camserve.v1.Tensor`` (raw little-endian bytes, dtype and shape)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from camserve.errors import CamserveError
+from camserve.v1 import explainer_pb2 as pb
+
+_NUMPY = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2"), pb.UINT8: np.dtype("u1"),
+          pb.INT64: np.dtype("<i8")}
+_PROTO = {np.dtype(v).newbyteorder("=") if v.itemsize > 1 else v: k for k, v in _NUMPY.items()}
+
+
+class TensorError(CamserveError):
+    """A Tensor message whose bytes do not match its dtype and shape."""
+
+
+def to_proto(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
+    """Encode ``array`` (cast to ``dtype``, a camserve.v1.DataType, when given)."""
+    target = _NUMPY[dtype] if dtype is not None else np.dtype(array.dtype).newbyteorder("<")
+    if dtype is None and np.dtype(array.dtype).newbyteorder("=") not in _PROTO:
+        raise TensorError(f"dtype {array.dtype} has no wire type")
+    data = np.ascontiguousarray(array, dtype=target)
+    code = dtype if dtype is not None else _PROTO[np.dtype(array.dtype).newbyteorder("=")]
+    return pb.Tensor(dtype=code, shape=list(array.shape), data=data.tobytes())
+
+
+def from_proto(tensor: pb.Tensor) -> np.ndarray:
+    """A read-only view of the tensor's bytes (no copy), in native byte order."""
+    if tensor.dtype not in _NUMPY:
+        name = pb.DataType.Name(tensor.dtype) if tensor.dtype in pb.DataType.values() \
+            else str(tensor.dtype)
+        raise TensorError(f"tensor dtype {name} is not supported; use FLOAT32, FLOAT16, "
+                          "UINT8 or INT64")
+    dtype = _NUMPY[tensor.dtype]
+    shape = tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise TensorError(f"tensor shape {list(shape)} has a negative dimension")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if expected != len(tensor.data):
+        raise TensorError(f"tensor of shape {list(shape)} and dtype "
+                          f"{pb.DataType.Name(tensor.dtype)} needs {expected} bytes, "
+                          f"got {len(tensor.data)}")
+    array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return array if dtype.isnative else array.astype(dtype.newbyteorder("="))

@@ -1,0 +1,78 @@
+"""``camserve explain IMAGE...``: overlay PNG, panel PNG and JSON per image and target."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from camserve.errors import CamserveError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("explain", help="explain images with a running server",
+                              description="Explain images with a camserve server; writes "
+                                          "overlay and panel PNGs and a JSON file per image.")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
+    p.add_argument("--model", default="", help="model name (default: the server's default)")
+    p.add_argument("--target", type=int, action="append", dest="targets", metavar="C",
+                   help="class index to explain (repeatable)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="also explain the K best classes (default: 1 without --target)")
+    p.add_argument("--method", default="gradcam")
+    p.add_argument("--fuse", choices=("max", "mean"), default=None,
+                   help="also write one map fusing all targets of an image")
+    p.add_argument("--threshold", type=float, default=0.6,
+                   help="map level for masks, contours and boxes")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+
+    from camserve.client import Client, fuse, load_image
+    from camserve.client.render import panel
+
+    for image in args.images:
+        if not image.is_file():
+            raise CamserveError(f"image {str(image)!r} does not exist")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with Client(args.server, timeout=args.timeout) as client:
+        for image_path in args.images:
+            photo = load_image(image_path)
+            try:
+                found = client.explain(image_path, model=args.model, targets=args.targets,
+                                       top_k=args.top_k, method=args.method)
+            except grpc.RpcError as exc:
+                raise CamserveError(f"{image_path.name}: {exc.code().name}: "
+                                    f"{exc.details()}") from None
+            if args.fuse and len(found) > 1:
+                found.append(fuse(found, args.fuse))
+            records = []
+            for index, explanation in enumerate(found):
+                fused = args.fuse and index == len(found) - 1 and len(found) > 1
+                tag = f"fused-{args.fuse}" if fused else str(explanation.class_index)
+                stem = f"{image_path.stem}_{tag}"
+                _write_png(args.out / f"{stem}_overlay.png", explanation.overlay(photo))
+                _write_png(args.out / f"{stem}_panel.png",
+                           panel(photo, explanation, args.threshold, fused=bool(fused)))
+                record = explanation.to_dict(args.threshold)
+                record["fused"] = bool(fused)
+                record["files"] = [f"{stem}_overlay.png", f"{stem}_panel.png"]
+                records.append(record)
+                what = explanation.label if fused else \
+                    f"{explanation.label} ({explanation.probability:.1%})"
+                print(f"{image_path.name}: {what} -> {args.out / (stem + '_panel.png')}")
+            (args.out / f"{image_path.stem}.json").write_text(
+                json.dumps({"image": image_path.name, "explanations": records}, indent=1))
+    return 0
+
+
+def _write_png(path: Path, rgb) -> None:
+    import cv2
+
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise CamserveError(f"cannot write {str(path)!r}")

@@ -1,0 +1,135 @@
+"""``Explanation``: one target's map, mapped onto the photo, and what to draw or measure.
+
+Channel order: every image that goes in or comes out of this module is RGB uint8 [H,W,3].
+(OpenCV's colormaps produce BGR; we convert.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from camserve.geometry import Geometry, to_original
+
+_COLORMAPS = {"jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO,
+              "inferno": cv2.COLORMAP_INFERNO, "viridis": cv2.COLORMAP_VIRIDIS,
+              "hot": cv2.COLORMAP_HOT}
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One target of one image.
+
+    ``cam_input`` is float32 [H,W] in [0,1] at the model's input size; ``cam`` is the same
+    map on the original photo's pixel grid [H0,W0] (zero where the center crop cut the photo).
+    """
+
+    class_index: int
+    label: str
+    logit: float
+    probability: float
+    cam_input: np.ndarray
+    geometry: Geometry
+    request_id: str = ""
+    model: str = ""
+    method: str = "gradcam"
+
+    @property
+    def cam(self) -> np.ndarray:
+        return to_original(self.cam_input, self.geometry)
+
+    def heatmap(self, colormap: str = "jet") -> np.ndarray:
+        """The map as a colour image, RGB uint8 [H0,W0,3]."""
+        if colormap not in _COLORMAPS:
+            raise ValueError(f"unknown colormap {colormap!r}; choose one of: "
+                             f"{', '.join(_COLORMAPS)}")
+        scaled = np.rint(np.clip(self.cam, 0, 1) * 255).astype(np.uint8)
+        return cv2.cvtColor(cv2.applyColorMap(scaled, _COLORMAPS[colormap]), cv2.COLOR_BGR2RGB)
+
+    def overlay(self, image: np.ndarray, alpha: float = 0.5,
+                colormap: str = "jet") -> np.ndarray:
+        """Blend the heatmap onto ``image`` (RGB uint8 [H0,W0,3], the photo that was sent).
+
+        Returns RGB uint8 of the photo's size: (1 - alpha) * photo + alpha * heatmap.
+        """
+        image = _rgb(image)
+        if image.shape[:2] != self.geometry.original:
+            raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} but the explained "
+                             f"photo was {self.geometry.original[1]}x{self.geometry.original[0]}")
+        return cv2.addWeighted(image, 1.0 - alpha, self.heatmap(colormap), alpha, 0.0)
+
+    def mask(self, threshold: float = 0.6) -> np.ndarray:
+        """bool [H0,W0]: where the map is at least ``threshold``."""
+        return self.cam >= threshold
+
+    def contours(self, threshold: float = 0.6) -> list[np.ndarray]:
+        """Outlines of the thresholded regions: int32 [N,2] (x, y) in photo pixels."""
+        return contours_of(self.mask(threshold))
+
+    def boxes(self, threshold: float = 0.6) -> list[tuple[int, int, int, int]]:
+        """(x0, y0, x1, y1) per thresholded region, x1/y1 exclusive, in photo pixels."""
+        return boxes_of(self.mask(threshold))
+
+    def to_dict(self, threshold: float = 0.6) -> dict[str, Any]:
+        """JSON-safe summary: class, scores, and the regions at ``threshold``."""
+        return {
+            "class_index": int(self.class_index), "label": self.label,
+            "logit": float(self.logit), "probability": float(self.probability),
+            "model": self.model, "method": self.method, "request_id": self.request_id,
+            "threshold": threshold,
+            "boxes": [list(b) for b in self.boxes(threshold)],
+            "contours": [c.tolist() for c in self.contours(threshold)],
+            "image_size": [self.geometry.original[1], self.geometry.original[0]],
+        }
+
+
+def contours_of(mask: np.ndarray) -> list[np.ndarray]:
+    """External contours of a bool mask, int32 [N,2] (x, y), largest area first."""
+    found, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                cv2.CHAIN_APPROX_SIMPLE)
+    found = sorted(found, key=cv2.contourArea, reverse=True)
+    return [c.reshape(-1, 2).astype(np.int32) for c in found]
+
+
+def boxes_of(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes (x0, y0, x1, y1), exclusive ends, of a mask's connected regions."""
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    order = sorted(range(1, count), key=lambda i: -stats[i, cv2.CC_STAT_AREA])
+    return [(int(stats[i, 0]), int(stats[i, 1]), int(stats[i, 0] + stats[i, 2]),
+             int(stats[i, 1] + stats[i, 3])) for i in order]
+
+
+def fuse(explanations: Sequence[Explanation], how: str = "max") -> Explanation:
+    """One map for several targets of the same image: element-wise max (or mean).
+
+    The result's class fields describe the first explanation; its label joins all labels.
+    """
+    if not explanations:
+        raise ValueError("fuse needs at least one explanation")
+    geometry = explanations[0].geometry
+    if any(e.geometry != geometry for e in explanations):
+        raise ValueError("fuse needs explanations of the same image")
+    maps = np.stack([e.cam_input for e in explanations])
+    if how == "max":
+        fused = maps.max(axis=0)
+    elif how == "mean":
+        fused = maps.mean(axis=0)
+    else:
+        raise ValueError(f"unknown fusion {how!r}; choose max or mean")
+    first = explanations[0]
+    return Explanation(first.class_index, " + ".join(e.label for e in explanations), first.logit,
+                       first.probability, fused.astype(np.float32), geometry,
+                       first.request_id, first.model, first.method)
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 [H,W,3] image, got {image.dtype} "
+                         f"{list(image.shape)}")
+    return image

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The demo: serve the pretrained EfficientNet-Lite0 explainer on loopback, explain the
+# sample photos, write the pictures under out/, stop the server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+PORT=${CAMSERVE_DEMO_PORT:-50151}
+MODELS=${CAMSERVE_MODELS:-models}
+OUT=${CAMSERVE_OUT:-out}
+
+$PY -m camserve serve --models "$MODELS" --port "$PORT" --device auto 2> "$OUT.server.log" &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+$PY - "$PORT" <<'PYEOF'
+import sys, time
+import grpc
+from camserve.client import Client
+deadline = time.monotonic() + 180
+with Client(f"127.0.0.1:{sys.argv[1]}", timeout=2) as client:
+    while True:
+        try:
+            if client.health() == "SERVING":
+                break
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            sys.exit("the server did not become healthy in 180 s; see out.server.log")
+        time.sleep(0.5)
+    info = client.get_model()
+    print(f"server up: model {info.name} ({info.architecture}, layer "
+          f"{info.layers[0].name}) on {info.execution_provider}")
+PYEOF
+$PY -m camserve explain samples/cat.jpg --server "127.0.0.1:$PORT" --target 285 --target 281 \
+    --fuse max --out "$OUT"
+$PY -m camserve explain samples/coffee.jpg --server "127.0.0.1:$PORT" --top-k 1 --out "$OUT"
+echo "done: pictures and JSON in $OUT/ (server log: $OUT.server.log)"

@@ -1,0 +1,82 @@
+"""Postprocessing: class activation maps from (activations, gradients) with NumPy alone.
+
+Each method is one pure function ``(A [C,h,w], G [K,C,h,w]) -> raw maps [K,h,w]``, listed in
+``METHODS``; adding a method is a function and a line. ``cam_maps`` then applies the
+normalisation and upsampling of grad-cam 1.5.7 so the maps are comparable with it:
+
+    per layer:  ReLU -> per-map (x - min) / (max - min + 1e-7) -> bilinear resize
+    layers:     fuse (mean, as grad-cam; sum; max) -> ReLU -> the same min-max once more
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from camserve.errors import CamserveError
+from camserve.geometry import resize_map
+
+CamMethod = Callable[[np.ndarray, np.ndarray], np.ndarray]
+EPSILON = 1e-7
+
+
+def gradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """Grad-CAM: channel weights = spatial mean of the gradients; weighted sum of maps."""
+    weights = gradients.mean(axis=(2, 3))  # [K,C]
+    return np.einsum("kc,chw->khw", weights, activations, optimize=True)
+
+
+METHODS: dict[str, CamMethod] = {
+    "gradcam": gradcam,
+}
+FUSIONS = ("mean", "sum", "max")
+
+
+class MethodError(CamserveError):
+    """An unknown method or fusion rule."""
+
+
+def method(name: str) -> CamMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MethodError(f"unknown method {name!r}; choose one of: "
+                          f"{', '.join(METHODS)}") from None
+
+
+def normalize_maps(maps: np.ndarray) -> np.ndarray:
+    """Per-map min-max to [0, 1]: (x - min) / (max - min + 1e-7); maps [K,h,w]."""
+    low = maps.min(axis=(1, 2), keepdims=True)
+    shifted = maps - low
+    return shifted / (shifted.max(axis=(1, 2), keepdims=True) + EPSILON)
+
+
+def cam_maps(method_name: str, layers: list[tuple[np.ndarray, np.ndarray]],
+             size: tuple[int, int] | None, fusion: str = "mean",
+             normalize: bool = True) -> np.ndarray:
+    """Maps [K,H,W] for K targets from one image's per-layer (A [C,h,w], G [K,C,h,w]).
+
+    ``size`` = (H, W) upsamples every map there; None keeps the finest layer grid.
+    With ``normalize`` False the raw ReLU'd, fused maps come back unscaled.
+    """
+    compute = method(method_name)
+    if fusion not in FUSIONS:
+        raise MethodError(f"unknown layer fusion {fusion!r}; choose one of: {', '.join(FUSIONS)}")
+    if size is None:
+        size = max((a.shape[1:] for a, _ in layers), key=lambda hw: hw[0] * hw[1])
+    per_layer = []
+    for activations, gradients in layers:
+        maps = np.maximum(compute(activations, gradients), 0).astype(np.float32, copy=False)
+        if normalize:
+            maps = normalize_maps(maps)
+        per_layer.append(np.stack([resize_map(m, *size) for m in maps]))
+    stacked = np.stack(per_layer)  # [L,K,H,W]
+    if fusion == "mean":
+        fused = stacked.mean(axis=0)
+    elif fusion == "sum":
+        fused = stacked.sum(axis=0)
+    else:
+        fused = stacked.max(axis=0)
+    fused = np.maximum(fused, 0)
+    return normalize_maps(fused) if normalize else fused

@@ -1,0 +1,244 @@
+"""The ``camserve.v1.Explainer`` gRPC service: request -> image -> graph -> maps -> response.
+
+Every request is validated at the edge; what a client sent can only produce a status with a
+message a person can act on (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED), never a
+crash or UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import grpc
+import numpy as np
+
+from camserve import tensors
+from camserve.errors import CamserveError, LimitError, NotFoundError
+from camserve.geometry import Geometry, to_original
+from camserve.server import cam, preprocess
+from camserve.server.models import ExplainerModel
+from camserve.v1 import explainer_pb2 as pb
+from camserve.v1 import explainer_pb2_grpc as pb_grpc
+
+log = logging.getLogger("camserve.server")
+
+_FUSION = {pb.LAYER_FUSION_UNSPECIFIED: "mean", pb.MEAN: "mean", pb.SUM: "sum", pb.MAX: "max"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits (RESOURCE_EXHAUSTED beyond them)."""
+
+    max_targets: int = 64
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, LimitError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, CamserveError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+class ExplainerService(pb_grpc.ExplainerServicer):
+    """Serves the loaded models; ``default`` answers requests that name none."""
+
+    def __init__(self, models: dict[str, ExplainerModel], default: str | None = None,
+                 limits: Limits = Limits()) -> None:
+        self.models = models
+        self.default = default or sorted(models)[0]
+        self.limits = limits
+
+    # --- RPCs -----------------------------------------------------------------------------
+    def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext):
+        try:
+            return self.explain(request)
+        except Exception as exc:  # noqa: BLE001 -- every failure becomes a status
+            self._abort(context, exc, request.request_id)
+
+    def ExplainStream(self, requests: Iterator[pb.ExplainRequest],
+                      context: grpc.ServicerContext):
+        for request in requests:
+            try:
+                yield self.explain(request)
+            except Exception as exc:  # noqa: BLE001 -- one bad frame must not end the stream
+                code = status_of(exc)
+                self._log_failure(exc, code, request.request_id)
+                yield pb.ExplainResponse(request_id=request.request_id,
+                                         error=pb.Error(code=code.value[0], message=str(exc)))
+
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext):
+        return pb.ListModelsResponse(models=[self.model_info(m) for _, m in
+                                             sorted(self.models.items())],
+                                     default_model=self.default)
+
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext):
+        try:
+            return self.model_info(self.model(request.name))
+        except Exception as exc:  # noqa: BLE001
+            self._abort(context, exc, "")
+
+    # --- the pipeline ---------------------------------------------------------------------
+    def model(self, name: str) -> ExplainerModel:
+        name = name or self.default
+        if name not in self.models:
+            raise NotFoundError(f"unknown model {name!r}; this server has: "
+                                f"{', '.join(sorted(self.models))}")
+        return self.models[name]
+
+    def explain(self, request: pb.ExplainRequest) -> pb.ExplainResponse:
+        model = self.model(request.model)
+        card = model.card
+        started = time.perf_counter_ns()
+        rgb = self._decode(request)
+        decoded = time.perf_counter_ns()
+        if rgb is None:
+            image = self._tensor(request.tensor, model)
+            geometry = Geometry.identity(*model.input_size)
+        else:
+            image, geometry = preprocess.preprocess(rgb, card.preprocessing)
+        targets = self._targets(request, model)
+        method = request.method or "gradcam"
+        cam.method(method)
+        fusion = _FUSION.get(request.fusion)
+        if fusion is None:
+            raise CamserveError(f"unknown layer fusion value {request.fusion}")
+        layers = list(request.layers) or [layer.name for layer in card.layers]
+        for name in layers:
+            try:
+                card.layer(name)
+            except KeyError as exc:
+                raise CamserveError(exc.args[0]) from None
+        space = request.output.space or pb.MODEL_INPUT
+        if space not in pb.CamSpace.values():
+            raise CamserveError(f"unknown map space value {space}")
+        dtype = request.output.dtype or pb.FLOAT32
+        if dtype not in (pb.FLOAT32, pb.FLOAT16, pb.UINT8):
+            raise CamserveError("a map's dtype can be FLOAT32, FLOAT16 or UINT8")
+        prepared = time.perf_counter_ns()
+
+        logits, classes, per_layer = model.run(image, targets[None, :], layers)
+        inferred = time.perf_counter_ns()
+
+        size = None if space == pb.FEATURE_MAP else model.input_size
+        maps = cam.cam_maps(method, [(a[0], g[0]) for a, g in per_layer.values()], size, fusion)
+        if space == pb.ORIGINAL_IMAGE:
+            maps = np.stack([to_original(m, geometry) for m in maps])
+        probabilities = _softmax(logits[0])
+        response = pb.ExplainResponse(
+            request_id=request.request_id, model=model.name, model_version=model.version,
+            method=method, layers=layers, geometry=_geometry(geometry))
+        for k, class_index in enumerate(classes[0]):
+            response.targets.add(class_index=int(class_index), label=card.labels[class_index],
+                                 logit=float(logits[0, class_index]),
+                                 probability=float(probabilities[class_index]),
+                                 cam=_encode_map(maps[k], dtype))
+        options = request.output
+        if options.include_logits:
+            response.raw.logits.CopyFrom(tensors.to_proto(logits))
+        for name, (activations, gradients) in per_layer.items():
+            if options.include_activations:
+                response.raw.activations[name].CopyFrom(tensors.to_proto(activations))
+            if options.include_gradients:
+                response.raw.gradients[name].CopyFrom(tensors.to_proto(gradients))
+        finished = time.perf_counter_ns()
+        response.timings.CopyFrom(pb.Timings(
+            decode_us=(decoded - started) // 1000, preprocess_us=(prepared - decoded) // 1000,
+            inference_us=(inferred - prepared) // 1000,
+            postprocess_us=(finished - inferred) // 1000))
+        return response
+
+    def _decode(self, request: pb.ExplainRequest) -> np.ndarray | None:
+        """The request's photo as uint8 RGB [H,W,3], or None for a preprocessed tensor."""
+        kind = request.WhichOneof("image")
+        if kind == "encoded":
+            return preprocess.decode(request.encoded)
+        if kind == "pixels":
+            p = request.pixels
+            return preprocess.from_pixels(p.height, p.width, p.pixels)
+        if kind == "tensor":
+            return None
+        raise CamserveError("the request has no image: set encoded, pixels or tensor")
+
+    def _tensor(self, message: pb.Tensor, model: ExplainerModel) -> np.ndarray:
+        height, width = model.input_size
+        if message.dtype != pb.FLOAT32:
+            raise CamserveError(f"a preprocessed tensor must be FLOAT32, got "
+                                f"{pb.DataType.Name(message.dtype)}")
+        expected = [1, 3, height, width]
+        if list(message.shape) != expected:
+            raise CamserveError(f"a preprocessed tensor for model {model.name!r} must have "
+                                f"shape {expected}, got {list(message.shape)}")
+        array = tensors.from_proto(message)
+        if not np.isfinite(array).all():
+            raise CamserveError("the preprocessed tensor holds NaN or Inf values")
+        return array
+
+    def _targets(self, request: pb.ExplainRequest, model: ExplainerModel) -> np.ndarray:
+        """The graph's ``targets`` row: explicit classes, then -1..-top_k."""
+        n = model.num_classes
+        bad = [c for c in request.classes if not 0 <= c < n]
+        if bad:
+            raise CamserveError(f"class index {bad[0]} is out of range: model {model.name!r} "
+                                f"has classes 0..{n - 1}")
+        top_k = request.top_k or (0 if request.classes else 1)
+        if top_k > n:
+            raise CamserveError(f"top_k {top_k} is larger than the {n} classes of the model")
+        count = len(request.classes) + top_k
+        if count > self.limits.max_targets:
+            raise LimitError(f"{count} targets requested; the limit is "
+                             f"{self.limits.max_targets} per image")
+        ranks = -np.arange(1, top_k + 1, dtype=np.int64)
+        return np.concatenate([np.asarray(request.classes, np.int64), ranks])
+
+    def model_info(self, model: ExplainerModel) -> pb.ModelInfo:
+        card = model.card
+        p = card.preprocessing
+        return pb.ModelInfo(
+            name=model.name, version=model.version, architecture=card.architecture,
+            labels=card.labels, input_shape=[1, 3, *model.input_size],
+            preprocessing=pb.Preprocessing(
+                resize=p.resize, crop_height=p.crop[0], crop_width=p.crop[1], mean=p.mean,
+                std=p.std, scale=p.scale, channel_order=p.channel_order,
+                interpolation=p.interpolation, grayscale=p.grayscale),
+            layers=[pb.LayerInfo(name=layer.name, shape=layer.shape) for layer in card.layers],
+            methods=list(cam.METHODS), contract_version=card.contract_version,
+            execution_provider=model.provider, camserve_version=card.camserve_version)
+
+    # --- errors ---------------------------------------------------------------------------
+    def _abort(self, context: grpc.ServicerContext, exc: Exception, request_id: str) -> None:
+        code = status_of(exc)
+        self._log_failure(exc, code, request_id)
+        message = str(exc) if code != grpc.StatusCode.INTERNAL else \
+            f"internal error ({type(exc).__name__}); the server logged the details"
+        context.abort(code, message)
+
+    @staticmethod
+    def _log_failure(exc: Exception, code: grpc.StatusCode, request_id: str) -> None:
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("request %r failed", request_id, exc_info=exc)
+        else:
+            log.info("request %r refused (%s): %s", request_id, code.name, exc)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum()
+
+
+def _geometry(g: Geometry) -> pb.Geometry:
+    x0, y0, x1, y1 = g.crop
+    return pb.Geometry(original_height=g.original[0], original_width=g.original[1],
+                       resized_height=g.resized[0], resized_width=g.resized[1],
+                       crop=pb.Box(x0=x0, y0=y0, x1=x1, y1=y1))
+
+
+def _encode_map(cam_map: np.ndarray, dtype: int) -> pb.Tensor:
+    if dtype == pb.UINT8:
+        return tensors.to_proto(np.rint(np.clip(cam_map, 0, 1) * 255), pb.UINT8)
+    return tensors.to_proto(cam_map, dtype)
