@@ -41,4 +41,4 @@ bench: install
 	$(PY) bench/graph_cost.py
 
 clean:
-	rm -rf out out.server.log $(MODELS) .pytest_cache
+	rm -rf out $(MODELS) .pytest_cache

@@ -8,11 +8,12 @@ PORT=${CAMSERVE_DEMO_PORT:-50151}
 MODELS=${CAMSERVE_MODELS:-models}
 OUT=${CAMSERVE_OUT:-out}
 
-$PY -m camserve serve --models "$MODELS" --port "$PORT" --device auto 2> "$OUT.server.log" &
+mkdir -p "$OUT"
+$PY -m camserve serve --models "$MODELS" --port "$PORT" --device auto > "$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
-$PY - "$PORT" <<'PYEOF'
-import sys, time
+$PY - "$PORT" "$SERVER" "$OUT/server.log" <<'PYEOF'
+import os, sys, time
 import grpc
 from camserve.client import Client
 deadline = time.monotonic() + 180
@@ -23,8 +24,12 @@ with Client(f"127.0.0.1:{sys.argv[1]}", timeout=2) as client:
                 break
         except grpc.RpcError:
             pass
+        try:
+            os.kill(int(sys.argv[2]), 0)
+        except OSError:
+            sys.exit("the server stopped: " + open(sys.argv[3]).read().strip().splitlines()[-1])
         if time.monotonic() > deadline:
-            sys.exit("the server did not become healthy in 180 s; see out.server.log")
+            sys.exit("the server did not become healthy in 180 s; see the server log")
         time.sleep(0.5)
     info = client.get_model()
     print(f"server up: model {info.name} ({info.architecture}, layer "
@@ -33,4 +38,4 @@ PYEOF
 $PY -m camserve explain samples/cat.jpg --server "127.0.0.1:$PORT" --target 285 --target 281 \
     --fuse max --out "$OUT"
 $PY -m camserve explain samples/coffee.jpg --server "127.0.0.1:$PORT" --top-k 1 --out "$OUT"
-echo "done: pictures and JSON in $OUT/ (server log: $OUT.server.log)"
+echo "done: pictures and JSON in $OUT/ (server log: $OUT/server.log)"
