@@ -79,7 +79,8 @@ def main() -> None:
         rows = [measure(arch, args.threads, args.runs, Path(scratch)) for arch in args.models]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
               f"onnxruntime {ort.__version__}, {args.threads} intra-op threads"
-    print(f"\nExplainer graph vs plain forward (CPU, B=1, 224², median of {args.runs}; {machine})\n")
+    print(f"\nExplainer graph vs plain forward (CPU, B=1, 224², median of {args.runs}; "
+          f"{machine})\n")
     print("| model | forward ms | explainer ms (Grad-CAM tensors) | ratio (goal <= 1.10) |")
     print("|---|---|---|---|")
     for r in rows:

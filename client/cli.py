@@ -40,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
         if not image.is_file():
             raise CamserveError(f"image {str(image)!r} does not exist")
     args.out.mkdir(parents=True, exist_ok=True)
+    stems = _unique_stems(args.images)
     with Client(args.server, timeout=args.timeout) as client:
-        for image_path in args.images:
+        for image_path, image_stem in zip(args.images, stems):
             photo = load_image(image_path)
             try:
                 found = client.explain(image_path, model=args.model, targets=args.targets,
@@ -49,13 +50,14 @@ def run(args: argparse.Namespace) -> int:
             except grpc.RpcError as exc:
                 raise CamserveError(f"{image_path.name}: {exc.code().name}: "
                                     f"{exc.details()}") from None
+            found = _distinct_classes(found)  # a --target that is also a top-k class
             if args.fuse and len(found) > 1:
                 found.append(fuse(found, args.fuse))
             records = []
             for index, explanation in enumerate(found):
                 fused = args.fuse and index == len(found) - 1 and len(found) > 1
                 tag = f"fused-{args.fuse}" if fused else str(explanation.class_index)
-                stem = f"{image_path.stem}_{tag}"
+                stem = f"{image_stem}_{tag}"
                 _write_png(args.out / f"{stem}_overlay.png", explanation.overlay(photo))
                 _write_png(args.out / f"{stem}_panel.png",
                            panel(photo, explanation, args.threshold, fused=bool(fused)))
@@ -66,9 +68,31 @@ def run(args: argparse.Namespace) -> int:
                 what = explanation.label if fused else \
                     f"{explanation.label} ({explanation.probability:.1%})"
                 print(f"{image_path.name}: {what} -> {args.out / (stem + '_panel.png')}")
-            (args.out / f"{image_path.stem}.json").write_text(
+            (args.out / f"{image_stem}.json").write_text(
                 json.dumps({"image": image_path.name, "explanations": records}, indent=1))
     return 0
+
+
+def _distinct_classes(found: list) -> list:
+    """The explanations in order, each class once."""
+    kept, seen = [], set()
+    for explanation in found:
+        if explanation.class_index not in seen:
+            seen.add(explanation.class_index)
+            kept.append(explanation)
+    return kept
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    """File stems for the outputs; a stem seen before gets -2, -3... appended."""
+    stems: list[str] = []
+    for path in paths:
+        stem, n = path.stem, 1
+        while stem in stems:
+            n += 1
+            stem = f"{path.stem}-{n}"
+        stems.append(stem)
+    return stems
 
 
 def _write_png(path: Path, rgb) -> None:

@@ -1,0 +1,404 @@
+"""The thin client SDK: geometry, Explanation (maps, overlays, regions), fuse, the gRPC
+Client against a live server, the no-heavy-imports promise, and ``camserve explain``."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+
+from camserve.client import Client, Explanation, fuse, load_image
+from camserve.geometry import Geometry
+
+# --- geometry ---------------------------------------------------------------------------
+
+# (height, width) -> torchvision Resize(128) + CenterCrop(112), worked out by hand:
+#   Resize(int): the shorter side becomes 128, the longer int(128 * long / short);
+#   CenterCrop: top = int(round((Hr - 112) / 2)), left = int(round((Wr - 112) / 2)).
+GEOMETRY_CASES = [
+    # landscape 300x500: 128 x int(213.33) = 128 x 213; top round(8) = 8, left round(50.5) = 50
+    ((300, 500), (128, 213), (50, 8, 162, 120)),
+    # portrait 500x300: 213 x 128; top 50, left 8
+    ((500, 300), (213, 128), (8, 50, 120, 162)),
+    # portrait 480x270: int(227.56) = 227 x 128; top round(57.5) = 58 (round half to even), left 8
+    ((480, 270), (227, 128), (8, 58, 120, 170)),
+]
+
+
+@pytest.mark.parametrize("size, resized, crop", GEOMETRY_CASES)
+def test_geometry_for_image_known_answers(size, resized, crop):
+    g = Geometry.for_image(*size, 128, (112, 112))
+    assert g.original == size
+    assert g.resized == resized
+    assert g.crop == crop
+    x0, y0, x1, y1 = g.crop
+    assert (y1 - y0, x1 - x0) == (112, 112)
+
+
+@pytest.mark.parametrize("size, resized, crop", GEOMETRY_CASES)
+def test_geometry_matches_torchvision(size, resized, crop):
+    torch = pytest.importorskip("torch")
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    image = torch.zeros(3, *size)
+    out = tvf.resize(image, 128, antialias=True)
+    assert tuple(out.shape[1:]) == resized
+    # A resized-size image whose pixels hold their own (row, col): the crop's first pixel
+    # tells torchvision's crop offsets.
+    rows, cols = torch.meshgrid(torch.arange(resized[0]), torch.arange(resized[1]),
+                                indexing="ij")
+    coords = torch.stack([rows, cols, rows]).float()
+    cropped = tvf.center_crop(coords, [112, 112])
+    top, left = int(cropped[0, 0, 0]), int(cropped[1, 0, 0])
+    assert Geometry.for_image(*size, 128, (112, 112)).crop == (left, top, left + 112, top + 112)
+
+
+def _square_explanation(size, square, value=1.0):
+    """An Explanation of a size[0] x size[1] photo whose 112x112 map is ``value`` on the
+    (r0, r1, c0, c1) square and 0 elsewhere."""
+    geometry = Geometry.for_image(*size, 128, (112, 112))
+    cam_input = np.zeros((112, 112), np.float32)
+    r0, r1, c0, c1 = square
+    cam_input[r0:r1, c0:c1] = value
+    return Explanation(7, "thing", 2.5, 0.75, cam_input, geometry)
+
+
+def _expected_box(geometry, square):
+    """The square's model-input rows/cols -> resized pixels -> original pixels (x0,y0,x1,y1)."""
+    r0, r1, c0, c1 = square
+    x0, y0 = geometry.crop[:2]
+    sy = geometry.original[0] / geometry.resized[0]
+    sx = geometry.original[1] / geometry.resized[1]
+    return (round((c0 + x0) * sx), round((r0 + y0) * sy),
+            round((c1 + x0) * sx), round((r1 + y0) * sy))
+
+
+SQUARE_CASES = [((300, 500), (40, 60, 30, 50)),    # landscape
+                ((500, 300), (70, 94, 20, 44))]    # portrait
+
+
+@pytest.mark.parametrize("size, square", SQUARE_CASES)
+def test_hot_square_maps_back_to_the_photo(size, square):
+    explanation = _square_explanation(size, square)
+    expected = _expected_box(explanation.geometry, square)
+
+    cam = explanation.cam
+    assert cam.shape == size and cam.dtype == np.float32
+
+    boxes = explanation.boxes()
+    assert len(boxes) == 1
+    assert np.allclose(boxes[0], expected, atol=2), (boxes[0], expected)
+
+    # the mask is the box: all True well inside, all False a little outside
+    x0, y0, x1, y1 = expected
+    mask = explanation.mask()
+    assert mask.shape == size and mask.dtype == bool
+    assert mask[y0 + 2:y1 - 2, x0 + 2:x1 - 2].all()
+    outside = np.ones(size, bool)
+    outside[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = False
+    assert not mask[outside].any()
+
+    contours = explanation.contours()
+    assert len(contours) == 1
+    c = contours[0]
+    assert c.dtype == np.int32 and c.ndim == 2 and c.shape[1] == 2
+    bx, by, bw, bh = cv2.boundingRect(c.reshape(-1, 1, 2))
+    assert (bx, by, bx + bw, by + bh) == boxes[0]
+
+    # the peak is inside the box, and the map is exactly 0 far from it
+    peak_y, peak_x = np.unravel_index(np.argmax(cam), cam.shape)
+    assert x0 <= peak_x < x1 and y0 <= peak_y < y1
+    assert cam[outside].max() < 0.6
+
+
+@pytest.mark.parametrize("size", [(300, 500), (500, 300)])
+def test_cam_is_zero_outside_the_crop(size):
+    geometry = Geometry.for_image(*size, 128, (112, 112))
+    explanation = Explanation(0, "x", 0.0, 1.0, np.ones((112, 112), np.float32), geometry)
+    cam = explanation.cam
+    assert cam.shape == size
+    x0, y0, x1, y1 = _expected_box(geometry, (0, 112, 0, 112))  # the crop, in photo pixels
+    outside = np.ones(size, bool)
+    outside[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = False
+    assert outside.any()
+    assert (cam[outside] == 0).all()
+    assert np.allclose(cam[y0 + 2:y1 - 2, x0 + 2:x1 - 2], 1.0, atol=1e-5)
+    # the whole crop is one region
+    assert np.allclose(explanation.boxes()[0], (x0, y0, x1, y1), atol=2)
+
+
+def test_identity_geometry_keeps_the_map():
+    cam_input = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    explanation = Explanation(0, "x", 0.0, 1.0, cam_input, Geometry.identity(64, 64))
+    assert np.array_equal(explanation.cam, cam_input)
+
+
+# --- overlay, heatmap, to_dict ------------------------------------------------------------
+
+def test_overlay_blends_and_keeps_rgb_order():
+    size, square = (300, 500), (40, 60, 30, 50)
+    explanation = _square_explanation(size, square)
+    photo = np.random.default_rng(1).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+    out = explanation.overlay(photo)
+    assert out.dtype == np.uint8 and out.shape == (*size, 3)
+    assert np.array_equal(explanation.overlay(photo, alpha=0.0), photo)
+    heat = explanation.heatmap()
+    assert heat.dtype == np.uint8 and heat.shape == (*size, 3)
+    assert np.array_equal(explanation.overlay(photo, alpha=1.0), heat)
+    # a 50/50 blend is between the two
+    mid = (photo.astype(np.int32) + heat) / 2
+    assert np.abs(out - mid).max() <= 1
+
+    # jet: 1 is red, 0 is blue -- in RGB order
+    x0, y0, x1, y1 = _expected_box(explanation.geometry, square)
+    hot = heat[(y0 + y1) // 2, (x0 + x1) // 2].astype(int)
+    cold = heat[5, 5].astype(int)
+    assert hot[0] > 100 and hot[0] > hot[2] + 50, hot
+    assert cold[2] > 100 and cold[2] > cold[0] + 50, cold
+
+    with pytest.raises(ValueError):
+        explanation.overlay(photo[:-1])
+    with pytest.raises(ValueError):
+        explanation.overlay(photo.transpose(1, 0, 2).copy())
+    with pytest.raises(ValueError):
+        explanation.overlay(photo.astype(np.float32))
+    with pytest.raises(ValueError):
+        explanation.heatmap("no-such-colormap")
+
+
+def test_to_dict_is_json_safe():
+    size, square = (500, 300), (70, 94, 20, 44)
+    explanation = _square_explanation(size, square)
+    record = json.loads(json.dumps(explanation.to_dict()))
+    assert record["class_index"] == 7 and record["label"] == "thing"
+    assert record["probability"] == pytest.approx(0.75)
+    assert record["boxes"] == [list(b) for b in explanation.boxes()]
+    assert len(record["boxes"]) == 1
+    assert len(record["contours"]) == 1
+    assert record["contours"][0] == explanation.contours()[0].tolist()
+    assert record["image_size"] == [300, 500]  # width, height
+    # a high threshold finds nothing, and that is still JSON
+    empty = json.loads(json.dumps(explanation.to_dict(threshold=1.5)))
+    assert empty["boxes"] == [] and empty["contours"] == []
+
+
+# --- fuse --------------------------------------------------------------------------------
+
+def test_fuse_max_and_mean():
+    rng = np.random.default_rng(2)
+    geometry = Geometry.for_image(300, 500, 128, (112, 112))
+    a = Explanation(1, "a", 1.0, 0.5, rng.random((112, 112), dtype=np.float32), geometry)
+    b = Explanation(2, "b", 0.5, 0.3, rng.random((112, 112), dtype=np.float32), geometry)
+
+    fused = fuse([a, b], "max")
+    assert np.array_equal(fused.cam_input, np.maximum(a.cam_input, b.cam_input))
+    assert fused.geometry == geometry and fused.cam.shape == (300, 500)
+    assert fused.class_index == 1 and "a" in fused.label and "b" in fused.label
+
+    mean = fuse([a, b], "mean")
+    assert np.allclose(mean.cam_input, (a.cam_input + b.cam_input) / 2, atol=1e-6)
+    assert mean.cam_input.dtype == np.float32
+
+    with pytest.raises(ValueError):
+        fuse([a, b], "median")
+    with pytest.raises(ValueError):
+        fuse([])
+    other = Explanation(3, "c", 0.0, 0.1, a.cam_input, Geometry.for_image(500, 300, 128,
+                                                                          (112, 112)))
+    with pytest.raises(ValueError):
+        fuse([a, other])
+
+
+# --- the Client against a live server (tiny model, 64x64 input, 10 classes) ----------------
+
+def _photo(seed, height=80, width=120):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _check(explanations, shape, model="tiny"):
+    for e in explanations:
+        assert e.cam_input.shape == (64, 64) and e.cam_input.dtype == np.float32
+        assert e.cam.shape == shape
+        assert 0.0 <= e.cam_input.min() and e.cam_input.max() <= 1.0
+        assert 0.0 <= e.cam.min() and e.cam.max() <= 1.0 + 1e-6
+        assert 0.0 <= e.probability <= 1.0
+        assert e.model == model
+        assert e.label == f"thing {e.class_index}"
+
+
+def test_client_explain_path_bytes_and_array(server, tmp_path):
+    photo = _photo(3)
+    path = tmp_path / "photo.png"
+    assert cv2.imwrite(str(path), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
+    assert np.array_equal(load_image(path), photo)
+
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        by_path = client.explain(path, targets=[3], top_k=2)
+        by_bytes = client.explain(path.read_bytes(), targets=[3], top_k=2)
+        by_array = client.explain(photo, targets=[3], top_k=2)
+        best = client.explain(photo)
+
+    for found in (by_path, by_bytes, by_array):
+        assert len(found) == 3
+        assert found[0].class_index == 3
+        assert found[1].probability >= found[2].probability
+        assert found[1].class_index != found[2].class_index
+        _check(found, photo.shape[:2])
+    # with neither targets nor top_k: the predicted class, which top-k ranks first
+    assert len(best) == 1 and best[0].class_index == by_array[1].class_index
+    # the same pixels, however they were sent, give the same maps
+    for a, b, c in zip(by_path, by_bytes, by_array):
+        assert a.class_index == b.class_index == c.class_index
+        assert np.allclose(a.cam_input, b.cam_input, atol=1e-3)
+        assert np.allclose(a.cam_input, c.cam_input, atol=1e-3)
+    # the overlay fits the photo that was sent
+    assert by_array[0].overlay(photo).shape == photo.shape
+
+
+def test_client_explain_tensor(server):
+    tensor = np.random.default_rng(4).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        found = client.explain(tensor=tensor, targets=[0, 9])
+    assert [e.class_index for e in found] == [0, 9]
+    _check(found, (64, 64))
+    for e in found:
+        assert np.array_equal(e.cam, e.cam_input)
+    with pytest.raises(ValueError):
+        Client.request(_photo(0), tensor=tensor)
+    with pytest.raises(ValueError):
+        Client.request(_photo(0).astype(np.float32))
+
+
+def test_client_explain_stream_in_order(server):
+    # frames of different sizes, so the order of the answers shows
+    frames = [_photo(10 + i, 60 + 10 * i, 90 + 7 * i) for i in range(5)]
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        results = list(client.explain_stream(iter(frames), top_k=2))
+    assert len(results) == 5
+    for index, (frame, found) in enumerate(zip(frames, results)):
+        assert len(found) == 2
+        assert found[0].request_id == str(index)
+        _check(found, frame.shape[:2])
+
+
+def test_client_models_and_health(server):
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        names = [m.name for m in client.list_models()]
+        assert "tiny" in names
+        info = client.get_model("tiny")
+        assert info.name == "tiny"
+        assert len(info.labels) == 10
+        assert list(info.input_shape) == [1, 3, 64, 64]
+        assert client.get_model().name == "tiny"  # the server's default
+        assert client.health() == "SERVING"
+        assert client.health("tiny") == "SERVING"
+        with pytest.raises(grpc.RpcError) as caught:  # grpc.health.v1: unknown service
+            client.health("no-such-model")
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_thin_client_imports_no_ml_runtime(server):
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import camserve.client
+        from camserve.client import Client
+        photo = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+        with Client("127.0.0.1:{server.port}", timeout=30) as client:
+            found = client.explain(photo, top_k=2)
+        assert len(found) == 2
+        assert found[0].overlay(photo).shape == photo.shape
+        found[0].contours(); found[0].boxes(); found[0].mask()
+        heavy = [m for m in ("torch", "onnxruntime", "onnx", "torchvision") if m in sys.modules]
+        assert not heavy, heavy
+        print("THIN-CLIENT-OK")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "THIN-CLIENT-OK" in done.stdout
+
+
+# --- camserve explain ---------------------------------------------------------------------
+
+def _closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_explain_end_to_end(server, tmp_path, capsys):
+    from camserve.cli import main
+
+    photo = _photo(5, 90, 140)
+    image = tmp_path / "photo.png"
+    assert cv2.imwrite(str(image), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        found = client.explain(photo, targets=[2], top_k=1)
+    top1 = found[1].class_index
+
+    out = tmp_path / "out"
+    code = main(["explain", str(image), "--server", f"127.0.0.1:{server.port}",
+                 "--target", "2", "--top-k", "1", "--fuse", "max", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "photo.png" in printed
+
+    tile_width = round(photo.shape[1] * 256 / photo.shape[0])
+    for tag in {"2", str(top1), "fused-max"}:
+        overlay = cv2.imread(str(out / f"photo_{tag}_overlay.png"))
+        assert overlay is not None and overlay.shape == photo.shape
+        panel = cv2.imread(str(out / f"photo_{tag}_panel.png"))
+        assert panel is not None
+        assert abs(panel.shape[1] - 4 * tile_width) <= 4
+        assert panel.shape[0] >= 256
+    # the overlay PNG is the SDK's RGB overlay, saved in the right channel order
+    saved = cv2.cvtColor(cv2.imread(str(out / "photo_2_overlay.png")), cv2.COLOR_BGR2RGB)
+    assert np.abs(saved.astype(int) - found[0].overlay(photo)).max() <= 2
+
+    record = json.loads((out / "photo.json").read_text())
+    assert record["image"] == "photo.png"
+    entries = record["explanations"]
+    assert [e["class_index"] for e in entries[:2]] == [2, top1]
+    assert len(entries) == 3 and entries[2]["fused"] is True
+    assert entries[0]["fused"] is False
+    for e in entries:
+        assert 0.0 <= e["probability"] <= 1.0
+        assert isinstance(e["boxes"], list) and isinstance(e["contours"], list)
+        assert e["image_size"] == [140, 90]
+        for name in e["files"]:
+            assert (out / name).is_file()
+    assert entries[0]["probability"] == pytest.approx(found[0].probability, rel=1e-5)
+
+
+def test_cli_explain_unreachable_server(tmp_path, capsys):
+    from camserve.cli import main
+
+    image = tmp_path / "photo.png"
+    cv2.imwrite(str(image), _photo(6))
+    code = main(["explain", str(image), "--server", f"127.0.0.1:{_closed_port()}",
+                 "--timeout", "2", "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("camserve explain: error:")
+    assert "photo.png" in err[0]
+    assert "Traceback" not in err[0]
+
+
+def test_cli_explain_missing_image(server, tmp_path, capsys):
+    from camserve.cli import main
+
+    missing = tmp_path / "nope.jpg"
+    code = main(["explain", str(missing), "--server", f"127.0.0.1:{server.port}",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.jpg" in err[0] and "does not exist" in err[0]
