@@ -354,7 +354,8 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """Evaluate, once, every node whose inputs are all constants; store results as weights.
 
     This is what keeps the adjoint's ``Transpose(W)`` of fully connected weights from
-    running at every call. Control-flow bodies are folded too. Unused weights are dropped.
+    running at every call. Control-flow bodies are folded too. Nodes nothing reads and
+    unused weights are dropped.
     """
     _fold_graph(model.graph, model.opset_import)
     return model
@@ -387,6 +388,7 @@ def _fold_graph(graph: onnx.GraphProto, opsets) -> None:
             None, {name: value(name) for name in inputs})
         for name, result in zip(node.output, results):
             folded[name] = np.asarray(result)
+    kept = _live(kept, {o.name for o in graph.output})
     reads = {i for n in kept for i in n.input} | {o.name for o in graph.output}
     reads |= _subgraph_reads(kept)
     new_inits = [init for init in graph.initializer if init.name in reads]
@@ -395,6 +397,19 @@ def _fold_graph(graph: onnx.GraphProto, opsets) -> None:
     graph.node.extend(kept)
     del graph.initializer[:]
     graph.initializer.extend(new_inits)
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """The nodes the outputs depend on, in order. onnx-ad also emits the weights' gradients,
+    which nothing reads; left in a Scan body, onnxruntime would compute them at every step."""
+    needed = set(outputs)
+    live = []
+    for node in reversed(nodes):
+        if needed & set(node.output):
+            live.append(node)
+            needed.update(node.input)
+            needed |= _subgraph_reads([node])
+    return live[::-1]
 
 
 def _subgraph_reads(nodes) -> set[str]:
