@@ -70,16 +70,23 @@ class Client:
     def explain(self, image=None, *, tensor: np.ndarray | None = None, model: str = "",
                 targets: Sequence[int] | None = None, top_k: int | None = None,
                 method: str = "gradcam", layers: Sequence[str] = (), fusion: str = "mean",
+                noise_samples: int = 0, noise_sigma: float = 0.15, flip: bool = False,
+                seed: int = 0, normalize: bool = True,
                 request_id: str = "") -> list[Explanation]:
         """Explain one image; one Explanation per target (explicit ``targets`` first, then the
         ``top_k`` best classes; with neither, the predicted class).
 
         ``image``: a file path, encoded bytes (JPEG/PNG/WebP/BMP) or an RGB uint8 [H,W,3]
-        array. ``tensor``: instead, a preprocessed float32 [1,3,H,W] array.
+        array. ``tensor``: instead, a preprocessed float32 [1,3,H,W] array. ``layers`` and
+        ``fusion`` ("mean", "sum", "max") pick and combine the model's layers.
+        ``noise_samples``/``noise_sigma`` average the map over noisy copies, ``flip`` also
+        over mirrored ones (one batched graph run, ``seed`` fixes the noise).
+        ``normalize=False`` returns the ReLU'd maps unscaled.
         """
         request = self.request(image, tensor=tensor, model=model, targets=targets, top_k=top_k,
                                method=method, layers=layers, fusion=fusion,
-                               request_id=request_id)
+                               noise_samples=noise_samples, noise_sigma=noise_sigma, flip=flip,
+                               seed=seed, normalize=normalize, request_id=request_id)
         response = self._stub.Explain(request, timeout=self.timeout, metadata=self.metadata)
         return explanations(response)
 
@@ -129,7 +136,9 @@ class Client:
     def request(image=None, *, tensor: np.ndarray | None = None, model: str = "",
                 targets: Sequence[int] | None = None, top_k: int | None = None,
                 method: str = "gradcam", layers: Sequence[str] = (), fusion: str = "mean",
-                request_id: str = "", space: str = "model_input") -> pb.ExplainRequest:
+                noise_samples: int = 0, noise_sigma: float = 0.15, flip: bool = False,
+                seed: int = 0, normalize: bool = True, request_id: str = "",
+                space: str = "model_input") -> pb.ExplainRequest:
         """The ExplainRequest ``explain`` sends."""
         if (image is None) == (tensor is None):
             raise ValueError("give exactly one of image= or tensor=")
@@ -139,7 +148,11 @@ class Client:
             model=model, request_id=request_id, classes=list(targets or []),
             top_k=top_k if top_k is not None else (0 if targets else 1), method=method,
             layers=list(layers), fusion=_FUSIONS[fusion],
-            output=pb.OutputOptions(space=_SPACES[space], dtype=pb.FLOAT16))
+            output=pb.OutputOptions(space=_SPACES[space],
+                                    dtype=pb.FLOAT16 if normalize else pb.FLOAT32),
+            smoothing=pb.Smoothing(noise_samples=noise_samples, noise_sigma=noise_sigma,
+                                   horizontal_flip=flip, seed=seed),
+            raw_maps=not normalize)
         if tensor is not None:
             request.tensor.CopyFrom(tensors.to_proto(np.asarray(tensor, np.float32)))
         elif isinstance(image, (bytes, bytearray, memoryview)):

@@ -33,6 +33,7 @@ class Limits:
     """Per-request limits (RESOURCE_EXHAUSTED beyond them)."""
 
     max_targets: int = 64
+    max_samples: int = 128  # smoothing copies per request
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -120,13 +121,22 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         dtype = request.output.dtype or pb.FLOAT32
         if dtype not in (pb.FLOAT32, pb.FLOAT16, pb.UINT8):
             raise CamserveError("a map's dtype can be FLOAT32, FLOAT16 or UINT8")
+        if request.raw_maps and dtype == pb.UINT8:
+            raise CamserveError("raw_maps are not in [0, 1]: ask for FLOAT32 or FLOAT16")
+        samples = self._samples(request.smoothing)
         prepared = time.perf_counter_ns()
 
         logits, classes, per_layer = model.run(image, targets[None, :], layers)
         inferred = time.perf_counter_ns()
 
         size = None if space == pb.FEATURE_MAP else model.input_size
-        maps = cam.cam_maps(method, [(a[0], g[0]) for a, g in per_layer.values()], size, fusion)
+        normalize = not request.raw_maps
+        if samples:
+            maps = self._smoothed(model, image, classes, layers, request.smoothing,
+                                  (method, size, fusion, normalize))
+        else:
+            maps = cam.cam_maps(method, [(a[0], g[0]) for a, g in per_layer.values()], size,
+                                fusion, normalize)
         if space == pb.ORIGINAL_IMAGE:
             maps = np.stack([to_original(m, geometry) for m in maps])
         probabilities = _softmax(logits[0])
@@ -152,6 +162,34 @@ class ExplainerService(pb_grpc.ExplainerServicer):
             inference_us=(inferred - prepared) // 1000,
             postprocess_us=(finished - inferred) // 1000))
         return response
+
+    def _samples(self, smoothing: pb.Smoothing) -> int:
+        """How many perturbed copies a smoothing request runs (0: no smoothing)."""
+        n = smoothing.noise_samples
+        if not (n or smoothing.horizontal_flip):
+            return 0
+        if n and not (0 < smoothing.noise_sigma <= 10):
+            raise CamserveError(f"noise_sigma must be in (0, 10], got {smoothing.noise_sigma}")
+        total = max(n, 1) * (2 if smoothing.horizontal_flip else 1)
+        if total > self.limits.max_samples:
+            raise LimitError(f"smoothing asks for {total} copies; the limit is "
+                             f"{self.limits.max_samples}")
+        return total
+
+    @staticmethod
+    def _smoothed(model: ExplainerModel, image: np.ndarray, classes: np.ndarray,
+                  layers: list[str], smoothing: pb.Smoothing, how: tuple) -> np.ndarray:
+        """Maps [K,H,W] averaged over perturbed copies, all run through the graph at once."""
+        method, size, fusion, normalize = how
+        rng = np.random.default_rng(smoothing.seed or None)
+        batch, mirrored = cam.perturbed_batch(image, smoothing.noise_samples,
+                                              smoothing.noise_sigma, smoothing.horizontal_flip,
+                                              rng)
+        targets = np.repeat(classes, len(batch), axis=0)  # the clean image's classes
+        _, _, per_layer = model.run(batch, targets, layers)
+        maps = np.stack([cam.cam_maps(method, [(a[s], g[s]) for a, g in per_layer.values()],
+                                      size, fusion, normalize) for s in range(len(batch))])
+        return cam.average_maps(maps, mirrored, normalize)
 
     def _decode(self, request: pb.ExplainRequest) -> np.ndarray | None:
         """The request's photo as uint8 RGB [H,W,3], or None for a preprocessed tensor."""

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torchvision
 
-from camserve import tensors
 from camserve.client import Client
 from camserve.export import export_explainer
 from camserve.server import cam
@@ -93,3 +92,38 @@ def test_every_method_gives_maps_for_several_targets(served, image):
             m = explanation.cam_input
             assert m.shape == (SIZE, SIZE) and np.isfinite(m).all()
             assert 0 <= m.min() and m.max() <= 1 + 1e-3
+
+
+def test_noise_smoothing_is_one_batched_run_and_averages(served, resnet, image):
+    plain = served.explain(tensor=image.numpy(), targets=[5], layers=["layer4"])[0].cam_input
+    smooth = served.explain(tensor=image.numpy(), targets=[5], layers=["layer4"], noise_samples=8,
+                            noise_sigma=0.15, seed=1)[0].cam_input
+    again = served.explain(tensor=image.numpy(), targets=[5], layers=["layer4"], noise_samples=8,
+                           noise_sigma=0.15, seed=1)[0].cam_input
+    np.testing.assert_array_equal(smooth, again)  # seeded: reproducible
+    assert np.abs(smooth - plain).max() > 1e-3   # and really averaged over noise
+    # the same average computed here from grad-cam's maps of the same noisy copies
+    rng = np.random.default_rng(1)
+    batch, _ = cam.perturbed_batch(image.numpy(), 8, 0.15, False, rng)
+    maps = [reference_map(resnet, "gradcam", [resnet.layer4], torch.from_numpy(b[None]), 5)
+            for b in batch]
+    expected = cam.normalize_maps(np.mean(maps, axis=0)[None])[0]
+    assert np.abs(smooth - expected).max() <= 1e-3
+
+
+def test_flip_averages_the_mirrored_map(served, resnet, image):
+    flipped = served.explain(tensor=image.numpy(), targets=[5], layers=["layer4"],
+                             flip=True)[0].cam_input
+    direct = reference_map(resnet, "gradcam", [resnet.layer4], image, 5)
+    mirrored = reference_map(resnet, "gradcam", [resnet.layer4],
+                             torch.flip(image, dims=[3]), 5)[:, ::-1]
+    expected = cam.normalize_maps(((direct + mirrored) / 2)[None])[0]
+    assert np.abs(flipped - expected).max() <= 1e-3
+
+
+def test_raw_maps_keep_the_methods_units(served, image):
+    raw = served.explain(tensor=image.numpy(), targets=[5], layers=["layer4"],
+                         normalize=False)[0].cam_input
+    normalized = served.explain(tensor=image.numpy(), targets=[5], layers=["layer4"])[0].cam_input
+    assert raw.max() > 0 and not np.isclose(raw.max(), 1.0)
+    np.testing.assert_allclose(cam.normalize_maps(raw[None])[0], normalized, atol=2e-3)

@@ -76,8 +76,20 @@ class OutputOptions(_message.Message):
     include_gradients: bool
     def __init__(self, space: _Optional[_Union[CamSpace, str]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., include_logits: _Optional[bool] = ..., include_activations: _Optional[bool] = ..., include_gradients: _Optional[bool] = ...) -> None: ...
 
+class Smoothing(_message.Message):
+    __slots__ = ("noise_samples", "noise_sigma", "horizontal_flip", "seed")
+    NOISE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    HORIZONTAL_FLIP_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    noise_samples: int
+    noise_sigma: float
+    horizontal_flip: bool
+    seed: int
+    def __init__(self, noise_samples: _Optional[int] = ..., noise_sigma: _Optional[float] = ..., horizontal_flip: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "request_id", "encoded", "pixels", "tensor", "classes", "top_k", "method", "layers", "fusion", "output")
+    __slots__ = ("model", "request_id", "encoded", "pixels", "tensor", "classes", "top_k", "method", "layers", "fusion", "output", "smoothing", "raw_maps")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +101,8 @@ class ExplainRequest(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     FUSION_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    RAW_MAPS_FIELD_NUMBER: _ClassVar[int]
     model: str
     request_id: str
     encoded: bytes
@@ -100,7 +114,9 @@ class ExplainRequest(_message.Message):
     layers: _containers.RepeatedScalarFieldContainer[str]
     fusion: LayerFusion
     output: OutputOptions
-    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[RawImage, _Mapping]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., method: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[LayerFusion, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ...) -> None: ...
+    smoothing: Smoothing
+    raw_maps: bool
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[RawImage, _Mapping]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., method: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[LayerFusion, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., smoothing: _Optional[_Union[Smoothing, _Mapping]] = ..., raw_maps: _Optional[bool] = ...) -> None: ...
 
 class Target(_message.Message):
     __slots__ = ("class_index", "label", "logit", "probability", "cam")
