@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from camserve.contract import Preprocessing
-    from camserve.export import export_explainer
+    from camserve.export import ExportError, export_explainer
     from camserve.export.models import load
 
     loaded = load(args.arch, args.weights)
@@ -43,7 +43,11 @@ def run(args: argparse.Namespace) -> int:
                                       preprocessing.std, preprocessing.scale,
                                       preprocessing.channel_order, preprocessing.interpolation,
                                       preprocessing.grayscale)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create output folder {str(args.out)!r}: "
+                          f"{exc.strerror or exc}") from exc
     path = args.out / f"{args.name or args.arch}.onnx"
     result = export_explainer(loaded.module, path, target_layers=args.layers,
                               input_size=preprocessing.crop, labels=loaded.labels,

@@ -95,23 +95,8 @@ def build_explainer(forward: onnx.ModelProto, layers: list[LayerTensors]) -> onn
     model = helper.make_model(explainer, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="camserve")
     model.ir_version = forward.ir_version
-    model = fold_constants(prune_unused(model))
+    model = fold_constants(model)  # also drops nodes no output needs
     onnx.checker.check_model(model)
-    return model
-
-
-def prune_unused(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop nodes none of whose outputs reach a graph output (e.g. adjoints of weights)."""
-    graph = model.graph
-    live = {o.name for o in graph.output}
-    kept = []
-    for node in reversed(graph.node):
-        if any(o in live for o in node.output):
-            kept.append(node)
-            live.update(node.input)
-            live |= _subgraph_reads([node])
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
     return model
 
 
