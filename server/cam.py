@@ -10,6 +10,7 @@ normalisation and upsampling of grad-cam 1.5.7 so the maps are comparable with i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -92,6 +93,64 @@ METHODS: dict[str, CamMethod] = {
     "eigencam": eigencam,
     "eigengradcam": eigengradcam,
 }
+@dataclass(frozen=True)
+class Forward:
+    """What a method that runs the network again needs: the model input [1,3,H,W], the
+    resolved classes [K], and ``logits_of(batch [S,3,H,W]) -> logits [S,N]`` (one batched
+    graph run per call)."""
+
+    image: np.ndarray
+    classes: np.ndarray
+    logits_of: Callable[[np.ndarray], np.ndarray]
+    batch_size: int = 32
+
+
+def scorecam(activations: np.ndarray, forward: Forward) -> np.ndarray:
+    """Score-CAM: each channel, upsampled and min-max scaled to [0,1], masks the input; the
+    class logits of the C masked images, softmaxed over channels, are the weights.
+
+    Costs C extra forward passes, run as batches of ``forward.batch_size``.
+    """
+    height, width = forward.image.shape[2:]
+    masks = upsample_align_corners(activations, height, width)  # [C,H,W]
+    low = masks.min(axis=(1, 2), keepdims=True)
+    masks = (masks - low) / (masks.max(axis=(1, 2), keepdims=True) - low + 1e-8)
+    scores = []
+    for start in range(0, len(masks), forward.batch_size):
+        chunk = masks[start:start + forward.batch_size, None] * forward.image  # [S,3,H,W]
+        scores.append(forward.logits_of(np.ascontiguousarray(chunk, np.float32)))
+    logits = np.concatenate(scores)[:, forward.classes].T  # [K,C]
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    return _weighted(weights, activations)
+
+
+FORWARD_METHODS: dict[str, Callable[[np.ndarray, Forward], np.ndarray]] = {
+    "scorecam": scorecam,
+}
+
+
+def upsample_align_corners(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear upsampling of maps [C,h,w] to [C,H,W] with corners aligned (torch's
+    UpsamplingBilinear2d, which Score-CAM uses)."""
+    rows = _interpolation_matrix(maps.shape[1], height)
+    cols = _interpolation_matrix(maps.shape[2], width)
+    return np.einsum("Hh,chw,Ww->cHW", rows, maps, cols, optimize=True).astype(np.float32)
+
+
+def _interpolation_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """[out, in] weights of align-corners linear interpolation along one axis."""
+    position = (np.arange(size_out) * ((size_in - 1) / (size_out - 1)) if size_out > 1
+                else np.zeros(1))
+    low = np.clip(np.floor(position).astype(int), 0, size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    fraction = position - low
+    matrix = np.zeros((size_out, size_in))
+    np.add.at(matrix, (np.arange(size_out), low), 1 - fraction)
+    np.add.at(matrix, (np.arange(size_out), high), fraction)
+    return matrix
+
+
 FUSIONS = ("mean", "sum", "max")
 
 
@@ -99,12 +158,14 @@ class MethodError(CamserveError):
     """An unknown method or fusion rule."""
 
 
-def method(name: str) -> CamMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
+def method_names() -> list[str]:
+    return [*METHODS, *FORWARD_METHODS]
+
+
+def check_method(name: str) -> None:
+    if name not in METHODS and name not in FORWARD_METHODS:
         raise MethodError(f"unknown method {name!r}; choose one of: "
-                          f"{', '.join(METHODS)}") from None
+                          f"{', '.join(method_names())}")
 
 
 def normalize_maps(maps: np.ndarray) -> np.ndarray:
@@ -116,13 +177,23 @@ def normalize_maps(maps: np.ndarray) -> np.ndarray:
 
 def cam_maps(method_name: str, layers: list[tuple[np.ndarray, np.ndarray]],
              size: tuple[int, int] | None, fusion: str = "mean",
-             normalize: bool = True) -> np.ndarray:
+             normalize: bool = True, forward: Forward | None = None) -> np.ndarray:
     """Maps [K,H,W] for K targets from one image's per-layer (A [C,h,w], G [K,C,h,w]).
 
     ``size`` = (H, W) upsamples every map there; None keeps the finest layer grid.
-    With ``normalize`` False the raw ReLU'd, fused maps come back unscaled.
+    With ``normalize`` False the raw ReLU'd, fused maps come back unscaled. Methods in
+    ``FORWARD_METHODS`` also need ``forward``.
     """
-    compute = method(method_name)
+    check_method(method_name)
+    if method_name in METHODS:
+        compute = METHODS[method_name]
+    else:
+        if forward is None:
+            raise MethodError(f"method {method_name!r} needs the model to run again")
+        run_again = FORWARD_METHODS[method_name]
+
+        def compute(activations: np.ndarray, _gradients: np.ndarray) -> np.ndarray:
+            return run_again(activations, forward)
     if fusion not in FUSIONS:
         raise MethodError(f"unknown layer fusion {fusion!r}; choose one of: {', '.join(FUSIONS)}")
     if size is None:

@@ -15,7 +15,7 @@ from typing import Iterator
 import grpc
 import numpy as np
 
-from camserve import tensors
+from camserve import contract, tensors
 from camserve.errors import CamserveError, LimitError, NotFoundError
 from camserve.geometry import Geometry, to_original
 from camserve.server import cam, preprocess
@@ -105,7 +105,7 @@ class ExplainerService(pb_grpc.ExplainerServicer):
             image, geometry = preprocess.preprocess(rgb, card.preprocessing)
         targets = self._targets(request, model)
         method = request.method or "gradcam"
-        cam.method(method)
+        cam.check_method(method)
         fusion = _FUSION.get(request.fusion)
         if fusion is None:
             raise CamserveError(f"unknown layer fusion value {request.fusion}")
@@ -135,8 +135,9 @@ class ExplainerService(pb_grpc.ExplainerServicer):
             maps = self._smoothed(model, image, classes, layers, request.smoothing,
                                   (method, size, fusion, normalize))
         else:
+            forward = cam.Forward(image, classes[0], lambda batch: _logits(model, batch))
             maps = cam.cam_maps(method, [(a[0], g[0]) for a, g in per_layer.values()], size,
-                                fusion, normalize)
+                                fusion, normalize, forward)
         if space == pb.ORIGINAL_IMAGE:
             maps = np.stack([to_original(m, geometry) for m in maps])
         probabilities = _softmax(logits[0])
@@ -187,8 +188,11 @@ class ExplainerService(pb_grpc.ExplainerServicer):
                                               rng)
         targets = np.repeat(classes, len(batch), axis=0)  # the clean image's classes
         _, _, per_layer = model.run(batch, targets, layers)
-        maps = np.stack([cam.cam_maps(method, [(a[s], g[s]) for a, g in per_layer.values()],
-                                      size, fusion, normalize) for s in range(len(batch))])
+        maps = np.stack([
+            cam.cam_maps(method, [(a[s], g[s]) for a, g in per_layer.values()], size, fusion,
+                         normalize, cam.Forward(batch[s:s + 1], classes[0],
+                                                lambda b: _logits(model, b)))
+            for s in range(len(batch))])
         return cam.average_maps(maps, mirrored, normalize)
 
     def _decode(self, request: pb.ExplainRequest) -> np.ndarray | None:
@@ -245,7 +249,7 @@ class ExplainerService(pb_grpc.ExplainerServicer):
                 std=p.std, scale=p.scale, channel_order=p.channel_order,
                 interpolation=p.interpolation, grayscale=p.grayscale),
             layers=[pb.LayerInfo(name=layer.name, shape=layer.shape) for layer in card.layers],
-            methods=list(cam.METHODS), contract_version=card.contract_version,
+            methods=cam.method_names(), contract_version=card.contract_version,
             execution_provider=model.provider, camserve_version=card.camserve_version)
 
     # --- errors ---------------------------------------------------------------------------
@@ -262,6 +266,13 @@ class ExplainerService(pb_grpc.ExplainerServicer):
             log.exception("request %r failed", request_id, exc_info=exc)
         else:
             log.info("request %r refused (%s): %s", request_id, code.name, exc)
+
+
+def _logits(model: ExplainerModel, batch: np.ndarray) -> np.ndarray:
+    """logits [S,N] of a batch [S,3,H,W]; onnxruntime computes only what logits need."""
+    targets = np.full((len(batch), 1), -1, np.int64)
+    return model.session.run([contract.LOGITS], {contract.IMAGE: batch,
+                                                 contract.TARGETS: targets})[0]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ from pytorch_grad_cam import (  # noqa: E402
     GradCAMPlusPlus,
     HiResCAM,
     LayerCAM,
+    ScoreCAM,
     XGradCAM,
 )
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
@@ -84,8 +85,17 @@ def test_two_layer_fusion_equals_grad_cam(served, resnet, image, method):
     assert np.abs(got - expected).max() <= 1e-3
 
 
+def test_scorecam_equals_grad_cam(served, resnet, image):
+    got = served.explain(tensor=image.numpy(), targets=[7], method="scorecam",
+                         layers=["layer4"])[0].cam_input
+    with ScoreCAM(model=resnet, target_layers=[resnet.layer4]) as explainer:
+        explainer.batch_size = 64
+        expected = explainer(input_tensor=image, targets=[ClassifierOutputTarget(7)])[0]
+    assert np.abs(got - expected).max() <= 1e-2
+
+
 def test_every_method_gives_maps_for_several_targets(served, image):
-    for method in cam.METHODS:
+    for method in cam.METHODS:  # the gradient methods; Score-CAM has its own test
         found = served.explain(tensor=image.numpy(), top_k=3, method=method)
         assert len(found) == 3
         for explanation in found:
