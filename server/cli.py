@@ -17,6 +17,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--intra-op-threads", type=int, default=None,
                    help="onnxruntime threads per inference (default: onnxruntime's choice)")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="dynamic batching: most requests per graph run (default 8)")
+    p.add_argument("--max-queue-delay-ms", type=float, default=2.0,
+                   help="dynamic batching: longest wait for a batch to fill (default 2 ms)")
+    p.add_argument("--no-batching", action="store_true",
+                   help="run every request on its own")
     p.add_argument("--default-model", help="model for requests that name none "
                                             "(default: first by name)")
     p.set_defaults(run=run)
@@ -28,5 +34,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     serve_forever(ServerConfig(models=args.models, host=args.host, port=args.port,
                                device=args.device, intra_op_threads=args.intra_op_threads,
-                               default_model=args.default_model))
+                               default_model=args.default_model,
+                               batching=not args.no_batching,
+                               max_batch_size=args.max_batch_size,
+                               max_queue_delay_ms=args.max_queue_delay_ms))
     return 0

@@ -19,6 +19,7 @@ from camserve import contract, tensors
 from camserve.errors import CamserveError, LimitError, NotFoundError
 from camserve.geometry import Geometry, to_original
 from camserve.server import cam, preprocess
+from camserve.server.batching import Batcher
 from camserve.server.models import ExplainerModel
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
@@ -36,6 +37,25 @@ class Limits:
     max_samples: int = 128  # smoothing copies per request
 
 
+@dataclass
+class _Job:
+    """A validated request, ready for the graph: model input [1,3,H,W], targets [K]."""
+
+    image: np.ndarray
+    geometry: Geometry
+    targets: np.ndarray
+    method: str
+    fusion: str
+    layers: list[str]
+    space: int
+    dtype: int
+    samples: int
+    started: int  # perf_counter_ns stamps
+    decoded: int
+    prepared: int
+    inferred: int = 0
+
+
 def status_of(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, NotFoundError):
         return grpc.StatusCode.NOT_FOUND
@@ -50,10 +70,11 @@ class ExplainerService(pb_grpc.ExplainerServicer):
     """Serves the loaded models; ``default`` answers requests that name none."""
 
     def __init__(self, models: dict[str, ExplainerModel], default: str | None = None,
-                 limits: Limits = Limits()) -> None:
+                 limits: Limits = Limits(), batchers: dict[str, Batcher] | None = None) -> None:
         self.models = models
         self.default = default or sorted(models)[0]
         self.limits = limits
+        self.batchers = batchers or {}  # model name -> its dynamic batcher, when batching
 
     # --- RPCs -----------------------------------------------------------------------------
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext):
@@ -94,6 +115,24 @@ class ExplainerService(pb_grpc.ExplainerServicer):
 
     def explain(self, request: pb.ExplainRequest) -> pb.ExplainResponse:
         model = self.model(request.model)
+        batcher = self.batchers.get(model.name)
+        if batcher is not None:
+            batcher.expect()  # a batch may wait for this request while it decodes
+        try:
+            job = self._prepare(request, model)
+        except BaseException:
+            if batcher is not None:
+                batcher.cancel()
+            raise
+        if batcher is not None:
+            outputs = batcher.run(job.image, job.targets, job.layers)
+        else:
+            outputs = model.run(job.image, job.targets[None, :], job.layers)
+        job.inferred = time.perf_counter_ns()
+        return self._respond(request, model, job, outputs)
+
+    def _prepare(self, request: pb.ExplainRequest, model: ExplainerModel) -> "_Job":
+        """Validate the request and build the model input; nothing runs the graph yet."""
         card = model.card
         started = time.perf_counter_ns()
         rgb = self._decode(request)
@@ -124,31 +163,34 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         if request.raw_maps and dtype == pb.UINT8:
             raise CamserveError("raw_maps are not in [0, 1]: ask for FLOAT32 or FLOAT16")
         samples = self._samples(request.smoothing)
-        prepared = time.perf_counter_ns()
+        return _Job(image, geometry, targets, method, fusion, layers, space, dtype, samples,
+                    started, decoded, time.perf_counter_ns())
 
-        logits, classes, per_layer = model.run(image, targets[None, :], layers)
-        inferred = time.perf_counter_ns()
-
-        size = None if space == pb.FEATURE_MAP else model.input_size
+    def _respond(self, request: pb.ExplainRequest, model: ExplainerModel, job: "_Job",
+                 outputs: tuple) -> pb.ExplainResponse:
+        """Maps from the graph's outputs, and the response message."""
+        logits, classes, per_layer = outputs
+        size = None if job.space == pb.FEATURE_MAP else model.input_size
         normalize = not request.raw_maps
-        if samples:
-            maps = self._smoothed(model, image, classes, layers, request.smoothing,
-                                  (method, size, fusion, normalize))
+        if job.samples:
+            maps = self._smoothed(model, job.image, classes, job.layers, request.smoothing,
+                                  (job.method, size, job.fusion, normalize))
         else:
-            forward = cam.Forward(image, classes[0], lambda batch: _logits(model, batch))
-            maps = cam.cam_maps(method, [(a[0], g[0]) for a, g in per_layer.values()], size,
-                                fusion, normalize, forward)
-        if space == pb.ORIGINAL_IMAGE:
-            maps = np.stack([to_original(m, geometry) for m in maps])
+            forward = cam.Forward(job.image, classes[0], lambda batch: _logits(model, batch))
+            maps = cam.cam_maps(job.method, [(a[0], g[0]) for a, g in per_layer.values()],
+                                size, job.fusion, normalize, forward)
+        if job.space == pb.ORIGINAL_IMAGE:
+            maps = np.stack([to_original(m, job.geometry) for m in maps])
         probabilities = _softmax(logits[0])
+        labels = model.card.labels
         response = pb.ExplainResponse(
             request_id=request.request_id, model=model.name, model_version=model.version,
-            method=method, layers=layers, geometry=_geometry(geometry))
+            method=job.method, layers=job.layers, geometry=_geometry(job.geometry))
         for k, class_index in enumerate(classes[0]):
-            response.targets.add(class_index=int(class_index), label=card.labels[class_index],
+            response.targets.add(class_index=int(class_index), label=labels[class_index],
                                  logit=float(logits[0, class_index]),
                                  probability=float(probabilities[class_index]),
-                                 cam=_encode_map(maps[k], dtype))
+                                 cam=_encode_map(maps[k], job.dtype))
         options = request.output
         if options.include_logits:
             response.raw.logits.CopyFrom(tensors.to_proto(logits))
@@ -159,9 +201,10 @@ class ExplainerService(pb_grpc.ExplainerServicer):
                 response.raw.gradients[name].CopyFrom(tensors.to_proto(gradients))
         finished = time.perf_counter_ns()
         response.timings.CopyFrom(pb.Timings(
-            decode_us=(decoded - started) // 1000, preprocess_us=(prepared - decoded) // 1000,
-            inference_us=(inferred - prepared) // 1000,
-            postprocess_us=(finished - inferred) // 1000))
+            decode_us=(job.decoded - job.started) // 1000,
+            preprocess_us=(job.prepared - job.decoded) // 1000,
+            inference_us=(job.inferred - job.prepared) // 1000,
+            postprocess_us=(finished - job.inferred) // 1000))
         return response
 
     def _samples(self, smoothing: pb.Smoothing) -> int:

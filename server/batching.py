@@ -1,0 +1,140 @@
+"""Dynamic batching: concurrent requests for one model share one graph run.
+
+Each request thread hands its model input [1,3,H,W] and targets [K] to the model's
+``Batcher`` and waits. One worker thread takes the oldest job, adds the jobs queued behind it
+that ask for the same layers (up to ``max_batch_size``, waiting at most ``max_queue_delay``
+for more while other requests are still being prepared), pads the targets to a common K with
+-1 (the predicted class; the padding is dropped again) and runs the graph once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from camserve.errors import CamserveError
+from camserve.server.models import ExplainerModel
+
+# (logits [1,N], classes [1,K], {layer: (activations [1,C,h,w], gradients [1,K,C,h,w])})
+Result = tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]
+
+
+@dataclass
+class _Job:
+    image: np.ndarray  # [1,3,H,W]
+    targets: np.ndarray  # [K]
+    layers: tuple[str, ...]
+    future: Future = field(default_factory=Future)
+
+
+class Batcher:
+    """Runs one model's requests in batches; ``run`` blocks until its result is ready."""
+
+    def __init__(self, model: ExplainerModel, max_batch_size: int = 8,
+                 max_queue_delay: float = 0.002) -> None:
+        if max_batch_size < 1 or max_queue_delay < 0:
+            raise CamserveError("dynamic batching needs max batch size >= 1 and a queue "
+                                "delay >= 0")
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay = max_queue_delay
+        self._jobs: deque[_Job] = deque()
+        self._waiting = 0  # request threads between "about to submit" and their result
+        self._ready = threading.Condition()
+        self._closed = False
+        self.batch_sizes: Counter[int] = Counter()  # how many runs had each batch size
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{model.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Requests expected or queued and not answered yet."""
+        with self._ready:
+            return self._waiting
+
+    def expect(self) -> None:
+        """A request has started preparing its input; a batch may wait for it."""
+        with self._ready:
+            self._waiting += 1
+
+    def cancel(self) -> None:
+        """A request that called ``expect`` will not submit after all."""
+        with self._ready:
+            self._waiting -= 1
+            self._ready.notify_all()
+
+    def run(self, image: np.ndarray, targets: np.ndarray, layers: list[str]) -> Result:
+        """Queue one image (after ``expect``) and wait for its share of a batched run."""
+        job = _Job(image, targets, tuple(layers))
+        with self._ready:
+            if self._closed:
+                self._waiting -= 1
+                raise CamserveError("the server is shutting down")
+            self._jobs.append(job)
+            self._ready.notify_all()
+        try:
+            return job.future.result()
+        finally:
+            with self._ready:
+                self._waiting -= 1
+                self._ready.notify_all()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            with self._ready:
+                while not self._jobs and not self._closed:
+                    self._ready.wait()
+                if not self._jobs:
+                    return
+                batch = self._collect()
+            self._execute(batch)
+
+    def _collect(self) -> list[_Job]:
+        """The next batch (called holding the lock): the oldest job plus compatible ones."""
+        first = self._jobs.popleft()
+        batch = [first]
+        deadline = time.monotonic() + self.max_queue_delay
+        while len(batch) < self.max_batch_size:
+            match = next((job for job in self._jobs if job.layers == first.layers), None)
+            if match is not None:
+                self._jobs.remove(match)
+                batch.append(match)
+                continue
+            remaining = deadline - time.monotonic()
+            # wait only while more requests are on their way
+            if remaining <= 0 or self._waiting <= len(batch) + len(self._jobs):
+                break
+            self._ready.wait(remaining)
+        return batch
+
+    def _execute(self, batch: list[_Job]) -> None:
+        self.batch_sizes[len(batch)] += 1
+        width = max(len(job.targets) for job in batch)
+        targets = np.full((len(batch), width), -1, np.int64)
+        for row, job in enumerate(batch):
+            targets[row, :len(job.targets)] = job.targets
+        images = np.concatenate([job.image for job in batch]) if len(batch) > 1 \
+            else batch[0].image
+        try:
+            logits, classes, per_layer = self.model.run(images, targets, list(batch[0].layers))
+        except Exception as exc:  # noqa: BLE001 -- every waiting request gets the failure
+            for job in batch:
+                job.future.set_exception(exc)
+            return
+        for row, job in enumerate(batch):
+            k = len(job.targets)
+            job.future.set_result((
+                logits[row:row + 1], classes[row:row + 1, :k],
+                {name: (a[row:row + 1], g[row:row + 1, :k]) for name, (a, g) in per_layer.items()}))
