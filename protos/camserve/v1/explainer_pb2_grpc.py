@@ -54,6 +54,11 @@ class ExplainerStub:
                 request_serializer=camserve_dot_v1_dot_explainer__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=camserve_dot_v1_dot_explainer__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ReloadModels = channel.unary_unary(
+                '/camserve.v1.Explainer/ReloadModels',
+                request_serializer=camserve_dot_v1_dot_explainer__pb2.ReloadModelsRequest.SerializeToString,
+                response_deserializer=camserve_dot_v1_dot_explainer__pb2.ReloadModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ExplainerServicer:
@@ -86,6 +91,14 @@ class ExplainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadModels(self, request, context):
+        """Reload the models folder without a restart; requests in flight finish on the models
+        they started with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExplainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +121,11 @@ def add_ExplainerServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=camserve_dot_v1_dot_explainer__pb2.GetModelRequest.FromString,
                     response_serializer=camserve_dot_v1_dot_explainer__pb2.ModelInfo.SerializeToString,
+            ),
+            'ReloadModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModels,
+                    request_deserializer=camserve_dot_v1_dot_explainer__pb2.ReloadModelsRequest.FromString,
+                    response_serializer=camserve_dot_v1_dot_explainer__pb2.ReloadModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +236,33 @@ class Explainer:
             '/camserve.v1.Explainer/GetModel',
             camserve_dot_v1_dot_explainer__pb2.GetModelRequest.SerializeToString,
             camserve_dot_v1_dot_explainer__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/camserve.v1.Explainer/ReloadModels',
+            camserve_dot_v1_dot_explainer__pb2.ReloadModelsRequest.SerializeToString,
+            camserve_dot_v1_dot_explainer__pb2.ReloadModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
