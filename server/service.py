@@ -35,6 +35,7 @@ class Limits:
 
     max_targets: int = 64
     max_samples: int = 128  # smoothing copies per request
+    max_pixels: int = preprocess.DEFAULT_MAX_PIXELS  # decoded image size, checked first
 
 
 @dataclass
@@ -242,10 +243,10 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         """The request's photo as uint8 RGB [H,W,3], or None for a preprocessed tensor."""
         kind = request.WhichOneof("image")
         if kind == "encoded":
-            return preprocess.decode(request.encoded)
+            return preprocess.decode(request.encoded, self.limits.max_pixels)
         if kind == "pixels":
             p = request.pixels
-            return preprocess.from_pixels(p.height, p.width, p.pixels)
+            return preprocess.from_pixels(p.height, p.width, p.pixels, self.limits.max_pixels)
         if kind == "tensor":
             return None
         raise CamserveError("the request has no image: set encoded, pixels or tensor")
