@@ -11,3 +11,7 @@ class NotFoundError(CamserveError):
 
 class LimitError(CamserveError):
     """A request over a configured limit; gRPC RESOURCE_EXHAUSTED."""
+
+
+class DeadlineError(CamserveError):
+    """The caller's deadline passed or it cancelled; gRPC DEADLINE_EXCEEDED."""

@@ -14,10 +14,11 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from camserve.errors import CamserveError
+from camserve.errors import CamserveError, DeadlineError
 from camserve.server.models import ExplainerModel
 
 # (logits [1,N], classes [1,K], {layer: (activations [1,C,h,w], gradients [1,K,C,h,w])})
@@ -29,6 +30,7 @@ class _Job:
     image: np.ndarray  # [1,3,H,W]
     targets: np.ndarray  # [K]
     layers: tuple[str, ...]
+    alive: Callable[[], bool]  # False once the caller's deadline passed or it cancelled
     future: Future = field(default_factory=Future)
 
 
@@ -69,9 +71,12 @@ class Batcher:
             self._waiting -= 1
             self._ready.notify_all()
 
-    def run(self, image: np.ndarray, targets: np.ndarray, layers: list[str]) -> Result:
-        """Queue one image (after ``expect``) and wait for its share of a batched run."""
-        job = _Job(image, targets, tuple(layers))
+    def run(self, image: np.ndarray, targets: np.ndarray, layers: list[str],
+            alive: Callable[[], bool] = lambda: True) -> Result:
+        """Queue one image (after ``expect``) and wait for its share of a batched run.
+
+        A job whose caller is gone by the time its batch forms is dropped, not run."""
+        job = _Job(image, targets, tuple(layers), alive)
         with self._ready:
             if self._closed:
                 self._waiting -= 1
@@ -120,6 +125,11 @@ class Batcher:
         return batch
 
     def _execute(self, batch: list[_Job]) -> None:
+        for job in [job for job in batch if not job.alive()]:
+            job.future.set_exception(DeadlineError("the caller gave up while queued"))
+            batch.remove(job)
+        if not batch:
+            return
         self.batch_sizes[len(batch)] += 1
         width = max(len(job.targets) for job in batch)
         targets = np.full((len(batch), width), -1, np.int64)

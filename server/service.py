@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 import numpy as np
 
 from camserve import contract, tensors
-from camserve.errors import CamserveError, LimitError, NotFoundError
+from camserve.errors import CamserveError, DeadlineError, LimitError, NotFoundError
 from camserve.geometry import Geometry, to_original
 from camserve.server import cam, preprocess
 from camserve.server.batching import Batcher
@@ -62,6 +62,8 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, LimitError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, DeadlineError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(exc, CamserveError):
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL
@@ -80,7 +82,7 @@ class ExplainerService(pb_grpc.ExplainerServicer):
     # --- RPCs -----------------------------------------------------------------------------
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext):
         try:
-            return self.explain(request)
+            return self.explain(request, context.is_active)
         except Exception as exc:  # noqa: BLE001 -- every failure becomes a status
             self._abort(context, exc, request.request_id)
 
@@ -88,7 +90,7 @@ class ExplainerService(pb_grpc.ExplainerServicer):
                       context: grpc.ServicerContext):
         for request in requests:
             try:
-                yield self.explain(request)
+                yield self.explain(request, context.is_active)
             except Exception as exc:  # noqa: BLE001 -- one bad frame must not end the stream
                 code = status_of(exc)
                 self._log_failure(exc, code, request.request_id)
@@ -106,6 +108,35 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         except Exception as exc:  # noqa: BLE001
             self._abort(context, exc, "")
 
+    # set by camserve.server.app: () -> ReloadModelsResponse; loads the models folder again
+    # and swaps it in (``swap``), raising CamserveError when it holds no usable model
+    reloader = None
+
+    def ReloadModels(self, request: pb.ReloadModelsRequest, context: grpc.ServicerContext):
+        if self.reloader is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                          "this server was not started with a models folder to reload")
+        try:
+            return self.reloader()
+        except CamserveError as exc:
+            log.warning("reload refused, the old models stay: %s", exc)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{exc}; still serving: {', '.join(sorted(self.models))}")
+        except Exception as exc:  # noqa: BLE001
+            self._abort(context, exc, "")
+
+    def swap(self, models: dict[str, ExplainerModel], default: str | None,
+             batchers: dict[str, Batcher]) -> dict[str, Batcher]:
+        """Serve ``models`` from the next request on; returns the batchers they replace (the
+        caller closes them once their requests are done). A request never finds neither set:
+        the union is served while the attributes change."""
+        old = self.batchers
+        self.models = {**self.models, **models}
+        self.default = default or sorted(models)[0]
+        self.batchers = batchers
+        self.models = models
+        return old
+
     # --- the pipeline ---------------------------------------------------------------------
     def model(self, name: str) -> ExplainerModel:
         name = name or self.default
@@ -114,19 +145,24 @@ class ExplainerService(pb_grpc.ExplainerServicer):
                                 f"{', '.join(sorted(self.models))}")
         return self.models[name]
 
-    def explain(self, request: pb.ExplainRequest) -> pb.ExplainResponse:
+    def explain(self, request: pb.ExplainRequest,
+                alive: Callable[[], bool] = lambda: True) -> pb.ExplainResponse:
+        """Answer one request; ``alive`` says whether its caller still waits (a request
+        whose deadline passed or that was cancelled is dropped before the graph runs)."""
         model = self.model(request.model)
         batcher = self.batchers.get(model.name)
         if batcher is not None:
             batcher.expect()  # a batch may wait for this request while it decodes
         try:
             job = self._prepare(request, model)
+            if not alive():
+                raise DeadlineError("the caller gave up before the model ran")
         except BaseException:
             if batcher is not None:
                 batcher.cancel()
             raise
         if batcher is not None:
-            outputs = batcher.run(job.image, job.targets, job.layers)
+            outputs = batcher.run(job.image, job.targets, job.layers, alive)
         else:
             outputs = model.run(job.image, job.targets[None, :], job.layers)
         job.inferred = time.perf_counter_ns()

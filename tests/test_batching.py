@@ -74,3 +74,43 @@ def test_bad_request_does_not_stall_the_batcher(servers):
             client.explain(b"garbage")
         assert client.explain(photos(1)[0])
     assert batched.batchers["tiny"].pending == 0
+
+
+def test_deadlines_under_load_release_their_slots(lite0_dir):
+    running = start(ServerConfig(models=lite0_dir, port=0, device="cpu", max_batch_size=2,
+                                 intra_op_threads=1))
+    codes: list[str] = []
+    lock = threading.Lock()
+    photo = photos(1)[0]
+
+    def hammer() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.ExplainerStub(channel)
+            for _ in range(6):
+                try:
+                    stub.Explain(Client.request(photo), timeout=0.05)
+                    code = "OK"
+                except grpc.RpcError as err:
+                    code = err.code().name
+                with lock:
+                    codes.append(code)
+
+    try:
+        threads = [threading.Thread(target=hammer) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert len(codes) == 36
+        assert set(codes) <= {"OK", "DEADLINE_EXCEEDED"}, codes
+        assert "DEADLINE_EXCEEDED" in codes
+        batcher = running.batchers["efficientnet_lite0"]
+        for _ in range(100):  # the server finishes what it had started, then holds nothing
+            if batcher.pending == 0:
+                break
+            threading.Event().wait(0.05)
+        assert batcher.pending == 0
+        with Client(f"127.0.0.1:{running.port}", timeout=30) as client:
+            assert client.explain(photo)  # and still serves
+    finally:
+        running.stop(grace=0)
