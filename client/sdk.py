@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -37,25 +38,44 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+# Unary calls that find the server UNAVAILABLE (restarting, shutting down, a replica gone)
+# are retried with exponential backoff; no other status is retried. Keepalive pings every
+# 30 s (the server accepts pings that often) notice a dead connection.
+RETRY_POLICY = {"methodConfig": [{
+    "name": [{"service": "camserve.v1.Explainer"}],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}
+CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_POLICY)),
+                   ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+                   # reconnect soon enough for the retries to find a restarted server
+                   ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+DEFAULT_TIMEOUT = 30.0
+
+
 class Client:
     """A connection to a camserve server.
 
     ``target`` is "host:port"; ``credentials`` (grpc.ChannelCredentials) makes the channel
-    secure; ``metadata`` (pairs) rides on every call; ``timeout`` is each call's deadline in
+    secure; ``metadata`` (pairs) rides on every call; ``token`` adds the bearer token a server
+    started with ``--auth-token-file`` asks for; ``timeout`` is each call's deadline in
     seconds. Use as a context manager, or call ``close``.
     """
 
-    def __init__(self, target: str, *, timeout: float | None = None,
+    def __init__(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT,
                  credentials: grpc.ChannelCredentials | None = None,
                  metadata: Sequence[tuple[str, str]] | None = None,
+                 token: str | None = None,
                  max_message_bytes: int = 64 * 1024 * 1024) -> None:
         options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+                   ("grpc.max_send_message_length", max_message_bytes), *CHANNEL_OPTIONS]
         self._channel = (grpc.secure_channel(target, credentials, options) if credentials
                          else grpc.insecure_channel(target, options))
         self._stub = pb_grpc.ExplainerStub(self._channel)
         self.timeout = timeout
         self.metadata = list(metadata or [])
+        if token:
+            self.metadata.append(("authorization", f"Bearer {token}"))
 
     def __enter__(self) -> "Client":
         return self

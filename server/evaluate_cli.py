@@ -125,7 +125,10 @@ def run(args: argparse.Namespace) -> int:
 
     records = []
     for path in images:
-        photo = decode(path.read_bytes())
+        try:
+            photo = decode(path.read_bytes())
+        except CamserveError as exc:
+            raise EvaluationError(f"{path.name}: {exc}") from None
         tensor, geometry = preprocess(photo, spec)
         target = -1 if args.target is None else args.target
         logits, classes, per_layer = model.run(tensor, np.full((1, 1), target, np.int64),
@@ -134,13 +137,16 @@ def run(args: argparse.Namespace) -> int:
         y = float(ev.class_probability(logits, class_index)[0])
         cam = cam_maps(args.method, [(a[0], g[0]) for a, g in per_layer.values()],
                        spec.crop, forward=Forward(tensor, classes[0], logits_of))[0]
+        if float(cam.max() - cam.min()) < 1e-6:
+            print(f"camserve evaluate: note: {path.name}: the {args.method} map is constant, "
+                  "so its pixel order is raster order", file=sys.stderr)
         truth = boxes.get(path.name)
         image = tensor[0]
         record: dict[str, Any] = {
             "image": path.name, "path": str(path),
             "size": [geometry.original[1], geometry.original[0]],
             "class_index": class_index, "label": card.labels[class_index], "probability": y,
-            "boxes": truth,
+            "boxes": truth, "constant_map": bool(cam.max() - cam.min() < 1e-6),
             args.method: score(image, cam, to_original(cam, geometry), class_index, y, truth),
         }
         if args.baseline_random:

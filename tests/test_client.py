@@ -402,3 +402,28 @@ def test_cli_explain_missing_image(server, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.jpg" in err[0] and "does not exist" in err[0]
+
+
+def test_client_retries_unavailable_until_the_server_is_up(models_dir):
+    import socket
+    import threading
+
+    from camserve.server.app import ServerConfig, start
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = {}
+
+    def late_start() -> None:
+        threading.Event().wait(0.3)
+        started["server"] = start(ServerConfig(models=models_dir, port=port, device="cpu"))
+
+    thread = threading.Thread(target=late_start)
+    thread.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=20) as client:
+            assert client.list_models()  # first attempts find nothing listening
+    finally:
+        thread.join()
+        started["server"].stop(grace=0)
