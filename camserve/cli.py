@@ -1,4 +1,4 @@
-"""The ``camserve`` command: export, serve, explain.
+"""The ``camserve`` command: export, serve, explain, evaluate.
 
 Subcommands import their component only when run, so ``camserve explain`` needs just the
 thin client and ``camserve serve`` never imports torch.
