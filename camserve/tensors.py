@@ -16,6 +16,11 @@ class TensorError(CamserveError):
     """A Tensor message whose bytes do not match its dtype and shape."""
 
 
+def dtype_name(code: int) -> str:
+    """The DataType's name, or its number when it has none."""
+    return pb.DataType.Name(code) if code in pb.DataType.values() else f"DataType({code})"
+
+
 def to_proto(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
     """Encode ``array`` (cast to ``dtype``, a camserve.v1.DataType, when given)."""
     target = _NUMPY[dtype] if dtype is not None else np.dtype(array.dtype).newbyteorder("<")
@@ -29,10 +34,8 @@ def to_proto(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
 def from_proto(tensor: pb.Tensor) -> np.ndarray:
     """A read-only view of the tensor's bytes (no copy), in native byte order."""
     if tensor.dtype not in _NUMPY:
-        name = pb.DataType.Name(tensor.dtype) if tensor.dtype in pb.DataType.values() \
-            else str(tensor.dtype)
-        raise TensorError(f"tensor dtype {name} is not supported; use FLOAT32, FLOAT16, "
-                          "UINT8 or INT64")
+        raise TensorError(f"tensor dtype {dtype_name(tensor.dtype)} is not supported; use "
+                          "FLOAT32, FLOAT16, UINT8 or INT64")
     dtype = _NUMPY[tensor.dtype]
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
@@ -40,7 +43,7 @@ def from_proto(tensor: pb.Tensor) -> np.ndarray:
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if expected != len(tensor.data):
         raise TensorError(f"tensor of shape {list(shape)} and dtype "
-                          f"{pb.DataType.Name(tensor.dtype)} needs {expected} bytes, "
+                          f"{dtype_name(tensor.dtype)} needs {expected} bytes, "
                           f"got {len(tensor.data)}")
     array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
     return array if dtype.isnative else array.astype(dtype.newbyteorder("="))

@@ -291,7 +291,7 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         height, width = model.input_size
         if message.dtype != pb.FLOAT32:
             raise CamserveError(f"a preprocessed tensor must be FLOAT32, got "
-                                f"{pb.DataType.Name(message.dtype)}")
+                                f"{tensors.dtype_name(message.dtype)}")
         expected = [1, 3, height, width]
         if list(message.shape) != expected:
             raise CamserveError(f"a preprocessed tensor for model {model.name!r} must have "
