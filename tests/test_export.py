@@ -313,6 +313,25 @@ def test_no_runtime_transpose_of_weights(exports):
     assert not transposed
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet18_layer3"])
+def test_onnxruntime_optimised_graph_transposes_no_weights(exports, tmp_path, name):
+    """After onnxruntime's own graph optimisation (constant folding included; Scan bodies
+    too), no Transpose reads a weight at run time."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(exports.get(name).path), options,
+                         providers=["CPUExecutionProvider"])
+    model = onnx.load(str(tmp_path / "optimised.onnx"))
+    weights = {init.name for init in model.graph.initializer}
+    for graph in [model.graph, *(a.g for n in _nodes(model.graph) for a in n.attribute
+                                 if a.type == onnx.AttributeProto.GRAPH)]:
+        weights |= {init.name for init in graph.initializer}
+    transposed = [list(n.input) for n in _nodes(model.graph)
+                  if n.op_type == "Transpose" and any(i in weights for i in n.input)]
+    assert not transposed
+
+
 def _dead_nodes(graph: onnx.GraphProto) -> list[str]:
     """Nodes none of whose outputs reach the graph's outputs, in ``graph`` and its bodies."""
     live = {o.name for o in graph.output}
