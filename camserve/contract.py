@@ -13,12 +13,29 @@ Outputs:
 Everything else the server needs travels in the model's metadata_props, one JSON value per
 key (``METADATA_KEYS``). This module is pure Python: the exporter writes it, the server and
 the client read it.
+
+Saliency companion (optional, ``camserve export --input-gradients``): a second file
+``<stem>.saliency.onnx`` next to ``<stem>.onnx`` (``companion_path``) with the gradient of
+the class logits with respect to the input image, for input-space attributions:
+
+Inputs:
+  ``image``, ``targets``  as above
+Outputs:
+  ``logits``           float32 [B,N]
+  ``classes``          int64 [B,K], resolved as above
+  ``input_gradients``  float32 [B,K,3,H,W], d logits[b, classes[b,k]] / d image[b]
+
+Its metadata holds the main file's card keys (``METADATA_KEYS``, so the file describes
+itself) plus ``camserve.companion_of`` = {"model": "<stem>", "kind": "saliency"}
+(``KEY_COMPANION``). A companion is not a model on its own: the server attaches it to the
+model ``<stem>``.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from camserve.errors import CamserveError
@@ -31,6 +48,7 @@ LOGITS = "logits"
 CLASSES = "classes"
 ACTIVATIONS = "activations"
 GRADIENTS = "gradients"
+INPUT_GRADIENTS = "input_gradients"
 
 KEY_CONTRACT = "camserve.contract_version"
 KEY_VERSION = "camserve.version"
@@ -39,6 +57,9 @@ KEY_LABELS = "camserve.labels"
 KEY_PREPROCESSING = "camserve.preprocessing"
 KEY_LAYERS = "camserve.layers"
 METADATA_KEYS = (KEY_CONTRACT, KEY_VERSION, KEY_ARCH, KEY_LABELS, KEY_PREPROCESSING, KEY_LAYERS)
+KEY_COMPANION = "camserve.companion_of"
+SALIENCY = "saliency"  # the kind of companion holding ``input_gradients``
+COMPANION_KINDS = (SALIENCY,)
 
 
 class ContractError(CamserveError):
@@ -122,6 +143,32 @@ def layer_output_names(layer_names: list[str]) -> list[tuple[str, str]]:
     if len(layer_names) == 1:
         return [(ACTIVATIONS, GRADIENTS)]
     return [(f"{ACTIVATIONS}.{n}", f"{GRADIENTS}.{n}") for n in layer_names]
+
+
+def companion_path(model_path: str | Path, kind: str = SALIENCY) -> Path:
+    """``<stem>.<kind>.onnx`` next to the model file ``<stem>.onnx``."""
+    model_path = Path(model_path)
+    return model_path.with_name(f"{model_path.stem}.{kind}.onnx")
+
+
+def companion_metadata(model: str, kind: str = SALIENCY) -> dict[str, str]:
+    """The metadata entry marking a file as the ``kind`` companion of model ``model``."""
+    return {KEY_COMPANION: json.dumps({"model": model, "kind": kind})}
+
+
+def companion_of(props: Mapping[str, str]) -> tuple[str, str] | None:
+    """(model, kind) when the metadata ``props`` mark a companion file, else None."""
+    if KEY_COMPANION not in props:
+        return None
+    try:
+        value = json.loads(props[KEY_COMPANION])
+        model, kind = str(value["model"]), str(value["kind"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ContractError(f"{KEY_COMPANION} metadata is malformed: {exc!r}") from exc
+    if kind not in COMPANION_KINDS:
+        raise ContractError(f"unknown companion kind {kind!r}; this camserve reads: "
+                            f"{', '.join(COMPANION_KINDS)}")
+    return model, kind
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from camserve.v1 import explainer_pb2_grpc as pb_grpc
 
 _SPACES = {"model_input": pb.MODEL_INPUT, "feature_map": pb.FEATURE_MAP}
 _FUSIONS = {"mean": pb.MEAN, "sum": pb.SUM, "max": pb.MAX}
+_BASELINES = {"black": pb.IntegratedGradients.BLACK, "zero": pb.IntegratedGradients.ZERO}
 
 
 class ExplainError(RuntimeError):
@@ -91,8 +92,8 @@ class Client:
                 targets: Sequence[int] | None = None, top_k: int | None = None,
                 method: str = "gradcam", layers: Sequence[str] = (), fusion: str = "mean",
                 noise_samples: int = 0, noise_sigma: float = 0.15, flip: bool = False,
-                seed: int = 0, normalize: bool = True,
-                request_id: str = "") -> list[Explanation]:
+                seed: int = 0, normalize: bool = True, ig_steps: int = 0,
+                ig_baseline: str = "black", request_id: str = "") -> list[Explanation]:
         """Explain one image; one Explanation per target (explicit ``targets`` first, then the
         ``top_k`` best classes; with neither, the predicted class).
 
@@ -101,12 +102,16 @@ class Client:
         ``fusion`` ("mean", "sum", "max") pick and combine the model's layers.
         ``noise_samples``/``noise_sigma`` average the map over noisy copies, ``flip`` also
         over mirrored ones (one batched graph run, ``seed`` fixes the noise).
-        ``normalize=False`` returns the ReLU'd maps unscaled.
+        ``normalize=False`` returns the ReLU'd maps unscaled. Input-space methods
+        ("saliency", "smoothgrad", "integrated_gradients" with ``ig_steps`` and
+        ``ig_baseline`` "black" or "zero", "guided_gradcam") need a model exported with
+        ``--input-gradients``.
         """
         request = self.request(image, tensor=tensor, model=model, targets=targets, top_k=top_k,
                                method=method, layers=layers, fusion=fusion,
                                noise_samples=noise_samples, noise_sigma=noise_sigma, flip=flip,
-                               seed=seed, normalize=normalize, request_id=request_id)
+                               seed=seed, normalize=normalize, ig_steps=ig_steps,
+                               ig_baseline=ig_baseline, request_id=request_id)
         response = self._stub.Explain(request, timeout=self.timeout, metadata=self.metadata)
         return explanations(response)
 
@@ -157,13 +162,16 @@ class Client:
                 targets: Sequence[int] | None = None, top_k: int | None = None,
                 method: str = "gradcam", layers: Sequence[str] = (), fusion: str = "mean",
                 noise_samples: int = 0, noise_sigma: float = 0.15, flip: bool = False,
-                seed: int = 0, normalize: bool = True, request_id: str = "",
+                seed: int = 0, normalize: bool = True, ig_steps: int = 0,
+                ig_baseline: str = "black", request_id: str = "",
                 space: str = "model_input") -> pb.ExplainRequest:
         """The ExplainRequest ``explain`` sends."""
         if (image is None) == (tensor is None):
             raise ValueError("give exactly one of image= or tensor=")
         if fusion not in _FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(_FUSIONS)}")
+        if ig_baseline not in _BASELINES:
+            raise ValueError(f"unknown baseline {ig_baseline!r}; choose black or zero")
         request = pb.ExplainRequest(
             model=model, request_id=request_id, classes=list(targets or []),
             top_k=top_k if top_k is not None else (0 if targets else 1), method=method,
@@ -172,7 +180,9 @@ class Client:
                                     dtype=pb.FLOAT16 if normalize else pb.FLOAT32),
             smoothing=pb.Smoothing(noise_samples=noise_samples, noise_sigma=noise_sigma,
                                    horizontal_flip=flip, seed=seed),
-            raw_maps=not normalize)
+            raw_maps=not normalize,
+            integrated_gradients=pb.IntegratedGradients(
+                steps=ig_steps, baseline=_BASELINES[ig_baseline]))
         if tensor is not None:
             request.tensor.CopyFrom(tensors.to_proto(np.asarray(tensor, np.float32)))
         elif isinstance(image, (bytes, bytearray, memoryview)):

@@ -1,4 +1,4 @@
-"""``camserve export``: write NAME.onnx for a named architecture."""
+"""``camserve export``: write NAME.onnx (and NAME.saliency.onnx) for a named architecture."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--input-size", type=int, help="model input height = width (default: the "
                    "architecture's evaluation size)")
     p.add_argument("--name", help="file name without .onnx (default: the architecture)")
+    p.add_argument("--input-gradients", action="store_true",
+                   help="also write NAME.saliency.onnx, the gradients of the class logits "
+                        "with respect to the input image (for saliency, SmoothGrad, "
+                        "Integrated Gradients)")
     p.add_argument("--out", type=Path, default=Path("models"), help="output folder")
     p.set_defaults(run=run)
 
@@ -51,10 +55,14 @@ def run(args: argparse.Namespace) -> int:
     path = args.out / f"{args.name or args.arch}.onnx"
     result = export_explainer(loaded.module, path, target_layers=args.layers,
                               input_size=preprocessing.crop, labels=loaded.labels,
-                              preprocess=preprocessing, architecture=loaded.architecture)
+                              preprocess=preprocessing, architecture=loaded.architecture,
+                              input_gradients=args.input_gradients)
     layer_text = ", ".join(f"{layer.name} {list(layer.shape)}" for layer in result.card.layers)
     if result.default_layer_chosen:
         layer_text += " (chosen automatically: the last convolutional block)"
     print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB): "
           f"{loaded.architecture}, layers {layer_text}")
+    if result.companion is not None:
+        print(f"wrote {result.companion} ({result.companion.stat().st_size / 1e6:.1f} MB): "
+              "input gradients")
     return 0

@@ -28,6 +28,7 @@ class ExportResult:
     path: Path
     card: ModelCard
     default_layer_chosen: bool
+    companion: Path | None = None  # ``<stem>.saliency.onnx`` with ``input_gradients=True``
 
 
 def export_explainer(
@@ -39,6 +40,7 @@ def export_explainer(
     labels: Sequence[str] | None = None,
     preprocess: Preprocessing | None = None,
     architecture: str = "custom",
+    input_gradients: bool = False,
 ) -> ExportResult:
     """Write ``path``: the explainer graph of ``model`` with its metadata.
 
@@ -46,6 +48,11 @@ def export_explainer(
     names (default: the last convolutional block). ``input_size`` is H = W or (H, W);
     ``labels`` default to "class <i>"; ``preprocess`` defaults to the ImageNet evaluation
     transform at that size. The file appears whole or not at all.
+
+    With ``input_gradients`` the saliency companion ``<stem>.saliency.onnx`` (gradients of
+    the class logits with respect to the image, see ``camserve.contract``) is written next
+    to it; both files appear or neither does. Without it, a companion left there by an
+    earlier export is removed, so that it cannot be attached to a different network.
     """
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     model = model.eval()
@@ -84,11 +91,25 @@ def export_explainer(
         tensors = [graph.LayerTensors(f"camserve_layer_{i}", act, grad)
                    for i, (act, grad) in enumerate(output_names)]
         explainer = graph.build_explainer(forward, tensors)
-    for key, value in card.to_metadata().items():
-        explainer.metadata_props.add(key=key, value=value)
-    explainer.doc_string = f"camserve explainer for {architecture} (graph contract v1)"
-    _write_atomically(explainer, path)
-    return ExportResult(path, card, chosen_default)
+        saliency = graph.build_saliency(forward) if input_gradients else None
+    files = [(explainer, path)]
+    _add_metadata(explainer, card.to_metadata(),
+                  f"camserve explainer for {architecture} (graph contract v1)")
+    companion = contract.companion_path(path)
+    if saliency is not None:
+        _add_metadata(saliency, {**card.to_metadata(), **contract.companion_metadata(path.stem)},
+                      f"camserve saliency companion of {path.name} (input gradients)")
+        files.append((saliency, companion))
+    _write_atomically(files)
+    if saliency is None and companion.is_file():
+        companion.unlink()  # stale: it belongs to an earlier export of this name
+    return ExportResult(path, card, chosen_default, companion if saliency is not None else None)
+
+
+def _add_metadata(model: onnx.ModelProto, metadata: dict[str, str], doc: str) -> None:
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    model.doc_string = doc
 
 
 def _export_forward(model: torch.nn.Module, names: list[str], example: torch.Tensor,
@@ -118,9 +139,30 @@ def _export_forward(model: torch.nn.Module, names: list[str], example: torch.Ten
     return onnx.load(str(scratch))
 
 
-def _write_atomically(model: onnx.ModelProto, path: Path) -> None:
+def _write_atomically(files: list[tuple[onnx.ModelProto, Path]]) -> None:
+    """Write every (model, path): all the files appear whole, or none of them does."""
+    temps: list[Path] = []
+    written: list[Path] = []
+    try:
+        for model, path in files:
+            temps.append(_write_temp(model, path))
+        for temp, (_, path) in zip(temps, files):
+            try:
+                os.replace(temp, path)
+            except OSError as exc:
+                raise ExportError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
+            written.append(path)
+    except BaseException:
+        for leftover in temps + written:
+            leftover.unlink(missing_ok=True)
+        raise
+
+
+def _write_temp(model: onnx.ModelProto, path: Path) -> Path:
+    """``model`` saved to a hidden temporary file next to ``path``."""
     if model.ByteSize() > 2**31 - 1:
-        raise ExportError("the explainer graph is over 2 GB, the limit of a single ONNX file")
+        raise ExportError(f"the graph for {path.name} is over 2 GB, the limit of a single "
+                          "ONNX file")
     try:
         handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial",
                                         dir=path.parent)
@@ -129,10 +171,10 @@ def _write_atomically(model: onnx.ModelProto, path: Path) -> None:
     os.close(handle)
     try:
         onnx.save_model(model, temp)
-        os.replace(temp, path)
     except OSError as exc:
         Path(temp).unlink(missing_ok=True)
         raise ExportError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+    return Path(temp)

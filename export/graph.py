@@ -14,6 +14,11 @@ merged with the forward ones. A head with convolutions needs fully static shapes
 so it is differentiated at batch 1 and run per sample inside an ONNX ``Scan`` over the
 batch axis. Finally, every node whose inputs are all constant (the adjoint's weight
 transposes) is folded at export time so that nothing of it runs per call.
+
+``build_saliency`` makes the optional companion graph the same way, with the whole network
+as the head (its boundary input is ``image``): outputs ``logits``, ``classes`` and
+``input_gradients`` [B,K,3,H,W]. A network with convolutions goes through the Scan, so the
+companion recomputes the forward pass per sample inside it.
 """
 
 from __future__ import annotations
@@ -53,51 +58,92 @@ def build_explainer(forward: onnx.ModelProto, layers: list[LayerTensors]) -> onn
     ``logits`` [B,N], ``classes`` [B,K], then per layer activations [B,C,h,w] and gradients
     [B,K,C,h,w]. Raises GraphBuildError when a head cannot be differentiated.
     """
-    light, weights = _split_weights(forward)
-    forward = onnx.shape_inference.infer_shapes(fold_constants(light), strict_mode=True)
-    graph = forward.graph
-    num_classes = _static_dims(_value_info(graph, contract.LOGITS))[1]
-
-    nodes = list(graph.node)
-    initializers = list(graph.initializer) + weights
-    produced = {out for node in nodes for out in node.output}
-    outputs = [_value_info(graph, contract.LOGITS)]
-
-    resolve_nodes, seeds = _resolve_targets(num_classes)
-    nodes += resolve_nodes
-    outputs.append(helper.make_tensor_value_info(contract.CLASSES, TensorProto.INT64, ["B", "K"]))
-
+    base = _Base.of(forward)
+    graph = base.forward.graph
     for index, layer in enumerate(layers):
-        head = _extract_head(forward, layer.forward_name)
-        scope = f"explain/{index}/"
-        try:
-            adjoint_nodes, adjoint_inits, adjoint_out = _batched_adjoint(head, seeds, scope)
-            adjoint_nodes = [n for n in adjoint_nodes if not set(n.output) <= produced]
-        except (UnsupportedOperator, ValueError):
-            adjoint_nodes, adjoint_inits, adjoint_out = _scanned_adjoint(head, seeds, scope)
-        nodes += adjoint_nodes
-        initializers += adjoint_inits
-        # adjoint [B,C,h,w,K] -> gradients [B,K,C,h,w]
-        nodes.append(helper.make_node("Transpose", [adjoint_out], [layer.gradients],
-                                      perm=[0, 4, 1, 2, 3]))
+        head = _extract_head(base.forward, layer.forward_name)
+        base.add_gradients(head, f"explain/{index}/", layer.gradients)
         if layer.activations != layer.forward_name:
-            nodes.append(helper.make_node("Identity", [layer.forward_name], [layer.activations]))
+            base.nodes.append(helper.make_node("Identity", [layer.forward_name],
+                                               [layer.activations]))
         c, h, w = _static_dims(_value_info(graph, layer.forward_name))[1:]
-        outputs.append(helper.make_tensor_value_info(layer.activations, TensorProto.FLOAT,
-                                                     ["B", c, h, w]))
-        outputs.append(helper.make_tensor_value_info(layer.gradients, TensorProto.FLOAT,
-                                                     ["B", "K", c, h, w]))
+        base.outputs.append(helper.make_tensor_value_info(layer.activations, TensorProto.FLOAT,
+                                                          ["B", c, h, w]))
+        base.outputs.append(helper.make_tensor_value_info(layer.gradients, TensorProto.FLOAT,
+                                                          ["B", "K", c, h, w]))
+    return base.finish("camserve_explainer")
 
-    image = copy.deepcopy(next(v for v in graph.input if v.name == contract.IMAGE))
-    targets = helper.make_tensor_value_info(contract.TARGETS, TensorProto.INT64, ["B", "K"])
-    explainer = helper.make_graph(nodes, "camserve_explainer", [image, targets], outputs,
-                                  initializer=initializers)
-    model = helper.make_model(explainer, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="camserve")
-    model.ir_version = forward.ir_version
-    model = fold_constants(model)  # also drops nodes no output needs
-    onnx.checker.check_model(model)
-    return model
+
+def build_saliency(forward: onnx.ModelProto) -> onnx.ModelProto:
+    """Saliency companion graph from a forward graph: the whole network is the head.
+
+    Returns a model with inputs ``image`` [B,3,H,W], ``targets`` int64 [B,K] and outputs
+    ``logits`` [B,N], ``classes`` [B,K] and ``input_gradients`` [B,K,3,H,W] =
+    d logits[b, classes[b,k]] / d image[b]. A network with convolutions is differentiated at
+    batch 1 and runs per sample in a Scan (which recomputes its forward pass per sample).
+    """
+    base = _Base.of(forward)
+    head = _extract_head(base.forward, contract.IMAGE)
+    base.add_gradients(head, "saliency/", contract.INPUT_GRADIENTS)
+    _, c, h, w = _static_dims(_value_info(base.forward.graph, contract.IMAGE))
+    base.outputs.append(helper.make_tensor_value_info(contract.INPUT_GRADIENTS,
+                                                      TensorProto.FLOAT, ["B", "K", c, h, w]))
+    return base.finish("camserve_saliency")
+
+
+@dataclass
+class _Base:
+    """What every graph built here starts from: the forward nodes and weights, the nodes
+    resolving ``targets`` into ``classes`` and one-hot ``seeds``, and the outputs ``logits``
+    and ``classes``; ``add_gradients`` grafts a head's adjoint, ``finish`` makes the model."""
+
+    forward: onnx.ModelProto  # weights split off, constants folded, shapes inferred
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
+    outputs: list[onnx.ValueInfoProto]
+    seeds: str
+
+    @classmethod
+    def of(cls, forward: onnx.ModelProto) -> "_Base":
+        light, weights = _split_weights(forward)
+        forward = onnx.shape_inference.infer_shapes(fold_constants(light), strict_mode=True)
+        graph = forward.graph
+        num_classes = _static_dims(_value_info(graph, contract.LOGITS))[1]
+        resolve_nodes, seeds = _resolve_targets(num_classes)
+        outputs = [_value_info(graph, contract.LOGITS),
+                   helper.make_tensor_value_info(contract.CLASSES, TensorProto.INT64,
+                                                 ["B", "K"])]
+        return cls(forward, list(graph.node) + resolve_nodes,
+                   list(graph.initializer) + weights, outputs, seeds)
+
+    def add_gradients(self, head: "_Head", scope: str, name: str) -> None:
+        """Nodes computing ``name`` [B,K,...] = d logits[b, classes[b,k]] / d head input[b]:
+        the head's adjoint with the symbolic batch, or per sample in a Scan when onnx-ad
+        cannot differentiate it so (convolutions)."""
+        try:
+            nodes, inits, out = _batched_adjoint(head, self.seeds, scope)
+            produced = {o for node in self.forward.graph.node for o in node.output}
+            nodes = [n for n in nodes if not set(n.output) <= produced]
+        except (UnsupportedOperator, ValueError):
+            nodes, inits, out = _scanned_adjoint(head, self.seeds, scope)
+        self.nodes += nodes
+        self.initializers += inits
+        rank = len(_dims(head.model.graph.input[0]))  # adjoint [B,...,K] -> [B,K,...]
+        self.nodes.append(helper.make_node("Transpose", [out], [name],
+                                           perm=[0, rank] + list(range(1, rank))))
+
+    def finish(self, graph_name: str) -> onnx.ModelProto:
+        graph = self.forward.graph
+        image = copy.deepcopy(next(v for v in graph.input if v.name == contract.IMAGE))
+        targets = helper.make_tensor_value_info(contract.TARGETS, TensorProto.INT64, ["B", "K"])
+        built = helper.make_graph(self.nodes, graph_name, [image, targets], self.outputs,
+                                  initializer=self.initializers)
+        model = helper.make_model(built, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="camserve")
+        model.ir_version = self.forward.ir_version
+        model = fold_constants(model)  # also drops nodes no output needs
+        onnx.checker.check_model(model)
+        return model
 
 
 def _split_weights(model: onnx.ModelProto, max_elements: int = 4096):
@@ -339,21 +385,25 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """Evaluate, once, every node whose inputs are all constants; store results as weights.
 
     This is what keeps the adjoint's ``Transpose(W)`` of fully connected weights from
-    running at every call. Control-flow bodies are folded too. Nodes nothing reads and
-    unused weights are dropped.
+    running at every call. Control-flow bodies are folded too, with the enclosing graphs'
+    weights as constants. Nodes nothing reads and unused weights are dropped.
     """
     _fold_graph(model.graph, model.opset_import)
     return model
 
 
-def _fold_graph(graph: onnx.GraphProto, opsets) -> None:
+def _fold_graph(graph: onnx.GraphProto, opsets,
+                outer: dict[str, onnx.TensorProto] | None = None) -> None:
+    """Fold ``graph``; ``outer`` are the enclosing graphs' weights a body may read."""
     from onnx.reference import ReferenceEvaluator
 
+    defined = {v.name for v in graph.input} | {o for n in graph.node for o in n.output}
+    initializers = {name: init for name, init in (outer or {}).items() if name not in defined}
+    initializers.update((init.name, init) for init in graph.initializer)
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                _fold_graph(attr.g, opsets)
-    initializers = {init.name: init for init in graph.initializer}
+                _fold_graph(attr.g, opsets, initializers)
     folded: dict[str, np.ndarray] = {}
 
     def value(name: str) -> np.ndarray:

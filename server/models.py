@@ -3,6 +3,10 @@
 ``load_models`` opens every ``*.onnx`` file in a folder, checks it against graph contract v1
 (inputs, outputs, metadata) and creates one onnxruntime session per model, on the CUDA
 provider when asked and available, else on the CPU.
+
+A saliency companion ``<stem>.saliency.onnx`` (``camserve export --input-gradients``) is not
+a model of its own: it is validated and attached to the model ``<stem>`` as
+``ExplainerModel.saliency``, whose ``input_gradients`` and ``gradients_of`` run it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ class DeviceError(CamserveError):
     """The requested execution device cannot be used."""
 
 
+class MissingCompanionError(CamserveError):
+    """An input-space attribution was asked of a model exported without its companion."""
+
+
+class CompanionFileError(ContractError):
+    """A saliency companion was opened as a model of its own."""
+
+
 @dataclass
 class ExplainerModel:
     """One loaded explainer graph and what its metadata says."""
@@ -40,6 +52,7 @@ class ExplainerModel:
     card: ModelCard
     session: ort.InferenceSession
     provider: str
+    saliency: ort.InferenceSession | None = None  # the <stem>.saliency.onnx companion
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -62,10 +75,40 @@ class ExplainerModel:
                      for i, layer in enumerate(chosen)}
         return outputs[0], outputs[1], per_layer
 
+    def input_gradients(self, images: np.ndarray, targets: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """images float32 [S,3,H,W], targets int64 [S,K] (as for ``run``) -> (logits [S,N],
+        classes [S,K], grads [S,K,3,H,W] = d logits[s, classes[s,k]] / d images[s]).
+
+        Raises MissingCompanionError when the model has no saliency companion.
+        """
+        if self.saliency is None:
+            raise MissingCompanionError(
+                f"model {self.name!r} was exported without --input-gradients: input-space "
+                f"attributions need its companion {self.name}.saliency.onnx (export it again "
+                "with 'camserve export ... --input-gradients')")
+        logits, classes, grads = self.saliency.run(
+            [contract.LOGITS, contract.CLASSES, contract.INPUT_GRADIENTS],
+            {contract.IMAGE: images, contract.TARGETS: targets})
+        return logits, classes, grads
+
+    def gradients_of(self, batch: np.ndarray, classes: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``gradients_of`` callable of ``camserve.server.attributions``: batch float32
+        [S,3,H,W] and the same class indices [K] (>= 0) for every image -> (logits [S,N],
+        grads [S,K,3,H,W]); one run of the companion."""
+        classes = np.asarray(classes, np.int64).reshape(-1)
+        targets = np.ascontiguousarray(np.broadcast_to(classes, (len(batch), len(classes))))
+        logits, _, grads = self.input_gradients(np.ascontiguousarray(batch, np.float32),
+                                                targets)
+        return logits, grads
+
     def warm_up(self) -> None:
         height, width = self.input_size
-        self.run(np.zeros((1, 3, height, width), np.float32), np.full((1, 1), -1, np.int64),
-                 [layer.name for layer in self.card.layers])
+        image, targets = np.zeros((1, 3, height, width), np.float32), np.full((1, 1), -1, np.int64)
+        self.run(image, targets, [layer.name for layer in self.card.layers])
+        if self.saliency is not None:
+            self.input_gradients(image, targets)
 
 
 def read_card(model: onnx.ModelProto, source: str) -> ModelCard:
@@ -88,6 +131,35 @@ def read_card(model: onnx.ModelProto, source: str) -> ModelCard:
         raise ContractError(f"{source}: input 'image' is not [B,3,{card.preprocessing.crop[0]},"
                             f"{card.preprocessing.crop[1]}]")
     return card
+
+
+def read_saliency_card(model: onnx.ModelProto, source: str) -> tuple[ModelCard, str]:
+    """A saliency companion's card and the name of its model, after checking its inputs
+    and outputs against the companion contract."""
+    props = {p.key: p.value for p in model.metadata_props}
+    owner = contract.companion_of(props)
+    if owner is None or owner[1] != contract.SALIENCY:
+        raise ContractError(f"{source}: not a saliency companion (no {contract.KEY_COMPANION} "
+                            "metadata of kind 'saliency')")
+    card = ModelCard.from_metadata(props)
+    inputs = {v.name: v for v in model.graph.input}
+    outputs = {v.name: v for v in model.graph.output}
+    for name in (contract.IMAGE, contract.TARGETS):
+        if name not in inputs:
+            raise ContractError(f"{source}: input {name!r} is missing")
+    missing = [n for n in (contract.LOGITS, contract.CLASSES, contract.INPUT_GRADIENTS)
+               if n not in outputs]
+    if missing:
+        raise ContractError(f"{source}: outputs {missing} are missing")
+    height, width = card.preprocessing.crop
+    image = [d.dim_value for d in inputs[contract.IMAGE].type.tensor_type.shape.dim]
+    grads = [d.dim_value for d in outputs[contract.INPUT_GRADIENTS].type.tensor_type.shape.dim]
+    if len(image) != 4 or image[1:] != [3, height, width]:
+        raise ContractError(f"{source}: input 'image' is not [B,3,{height},{width}]")
+    if len(grads) != 5 or grads[2:] != [3, height, width]:
+        raise ContractError(f"{source}: output {contract.INPUT_GRADIENTS!r} is not "
+                            f"[B,K,3,{height},{width}]")
+    return card, owner[0]
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -124,27 +196,78 @@ def open_session(path: Path, device: str, threads: int | None) -> tuple[ort.Infe
 
 
 def load_model(path: Path, device: str = "auto", threads: int | None = None) -> ExplainerModel:
-    """Validate and open one explainer file; raises ContractError for a file that isn't one."""
+    """Validate and open one explainer file, with its saliency companion when one lies next
+    to it; raises ContractError for a file that isn't an explainer."""
+    return _open_model(Path(path), device, threads)
+
+
+def _read(path: Path) -> onnx.ModelProto:
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, onnx raises various kinds
         raise ContractError(f"{path.name}: not an ONNX model ({type(exc).__name__})") from exc
-    card = read_card(model, path.name)
+
+
+def _companion_owner(model: onnx.ModelProto) -> str | None:
+    owner = contract.companion_of({p.key: p.value for p in model.metadata_props})
+    return owner[0] if owner else None
+
+
+def _check(model: onnx.ModelProto, source: str) -> None:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise ContractError(f"{path.name}: fails onnx.checker: "
+        raise ContractError(f"{source}: fails onnx.checker: "
                             f"{str(exc).strip().splitlines()[0]}") from exc
+
+
+def _open_model(path: Path, device: str, threads: int | None) -> ExplainerModel:
+    model = _read(path)
+    owner = _companion_owner(model)
+    if owner is not None:
+        raise CompanionFileError(f"{path.name} is the saliency companion of model {owner!r}, "
+                                 "not a model of its own")
+    card = read_card(model, path.name)
+    _check(model, path.name)
     del model
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     session, provider = open_session(path, device, threads)
-    return ExplainerModel(path.stem, digest, card, session, provider)
+    loaded = ExplainerModel(path.stem, digest, card, session, provider)
+    companion = contract.companion_path(path)
+    if companion.is_file():
+        try:
+            loaded.saliency = _open_saliency(companion, loaded, device, threads)
+        except DeviceError:
+            raise
+        except CamserveError as exc:
+            log.error("ignoring %s: %s", companion.name, exc)
+    return loaded
 
 
-def load_models(folder: Path, device: str = "auto",
-                threads: int | None = None) -> dict[str, ExplainerModel]:
-    """Every valid explainer in ``folder`` by file stem; invalid files are refused and logged.
+def _open_saliency(path: Path, owner: ExplainerModel, device: str,
+                   threads: int | None) -> ort.InferenceSession:
+    """The companion's session, after checking it against the contract and its model."""
+    model = _read(path)
+    card, name = read_saliency_card(model, path.name)
+    if card != owner.card:
+        raise ContractError(f"its metadata (architecture, labels, preprocessing, layers) "
+                            f"differs from model {owner.name!r}'s; export both again with "
+                            "--input-gradients")
+    if name != owner.name:
+        log.warning("%s says it belongs to model %r; attaching it to %r, the file next to it",
+                    path.name, name, owner.name)
+    _check(model, path.name)
+    del model
+    return open_session(path, device, threads)[0]
 
+
+def load_models(folder: Path, device: str = "auto", threads: int | None = None,
+                refused: list[str] | None = None) -> dict[str, ExplainerModel]:
+    """Every valid explainer in ``folder`` by file stem; invalid files are refused and logged
+    (and, given a ``refused`` list, added to it as "file: why").
+
+    Saliency companions are attached to their models (``ExplainerModel.saliency``), not
+    served on their own; one whose model is missing or refused is logged and ignored.
     Raises CamserveError when the folder holds no usable model.
     """
     folder = Path(folder)
@@ -152,19 +275,32 @@ def load_models(folder: Path, device: str = "auto",
         raise CamserveError(f"models folder {str(folder)!r} does not exist; "
                             "run 'camserve export' first")
     models: dict[str, ExplainerModel] = {}
+    companions: list[Path] = []
     for path in sorted(folder.glob("*.onnx")):
         try:
-            model = load_model(path, device, threads)
+            model = _open_model(path, device, threads)
+        except CompanionFileError:
+            companions.append(path)
+            continue
         except DeviceError:
             raise
         except CamserveError as exc:
             log.error("refusing %s: %s", path.name, exc)
+            if refused is not None:
+                refused.append(f"{path.name}: {str(exc).removeprefix(path.name + ': ')}")
             continue
         model.warm_up()
-        log.info("model %s (%s, %d classes, layers %s) runs on %s", model.name,
+        log.info("model %s (%s, %d classes, layers %s%s) runs on %s", model.name,
                  model.card.architecture, model.num_classes,
-                 ",".join(layer.name for layer in model.card.layers), model.provider)
+                 ",".join(layer.name for layer in model.card.layers),
+                 "; with input gradients" if model.saliency is not None else "", model.provider)
         models[model.name] = model
+    tried = {contract.companion_path(folder / f"{name}.onnx") for name in models}
+    for path in companions:
+        if path not in tried:  # (a companion of a loaded model was attached or said why not)
+            log.error("ignoring %s: a saliency companion is used only with its model "
+                      "<model>.onnx beside it as <model>.saliency.onnx, and no loaded model "
+                      "is there", path.name)
     if not models:
         raise CamserveError(f"no explainer graph in {str(folder)!r} passed validation; "
                             "export one with 'camserve export --out DIR'")

@@ -18,7 +18,7 @@ import numpy as np
 from camserve import contract, tensors
 from camserve.errors import CamserveError, DeadlineError, LimitError, NotFoundError
 from camserve.geometry import Geometry, to_original
-from camserve.server import cam, preprocess
+from camserve.server import attributions, cam, preprocess
 from camserve.server.batching import Batcher
 from camserve.server.models import ExplainerModel
 from camserve.v1 import explainer_pb2 as pb
@@ -181,7 +181,12 @@ class ExplainerService(pb_grpc.ExplainerServicer):
             image, geometry = preprocess.preprocess(rgb, card.preprocessing)
         targets = self._targets(request, model)
         method = request.method or "gradcam"
-        cam.check_method(method)
+        input_space = method in attributions.METHODS
+        if input_space and model.saliency is None:
+            raise CamserveError(f"method {method!r} needs model {model.name!r} exported with "
+                                "--input-gradients (its .saliency.onnx companion)")
+        if not input_space:
+            cam.check_method(method)
         fusion = _FUSION.get(request.fusion)
         if fusion is None:
             raise CamserveError(f"unknown layer fusion value {request.fusion}")
@@ -199,7 +204,11 @@ class ExplainerService(pb_grpc.ExplainerServicer):
             raise CamserveError("a map's dtype can be FLOAT32, FLOAT16 or UINT8")
         if request.raw_maps and dtype == pb.UINT8:
             raise CamserveError("raw_maps are not in [0, 1]: ask for FLOAT32 or FLOAT16")
-        samples = self._samples(request.smoothing)
+        if input_space:
+            self._check_attribution_size(request, method, len(targets))
+            samples = 0
+        else:
+            samples = self._samples(request.smoothing)
         return _Job(image, geometry, targets, method, fusion, layers, space, dtype, samples,
                     started, decoded, time.perf_counter_ns())
 
@@ -207,9 +216,11 @@ class ExplainerService(pb_grpc.ExplainerServicer):
                  outputs: tuple) -> pb.ExplainResponse:
         """Maps from the graph's outputs, and the response message."""
         logits, classes, per_layer = outputs
-        size = None if job.space == pb.FEATURE_MAP else model.input_size
+        size = None if job.space == pb.FEATURE_MAP else model.input_size  # input-space: H,W
         normalize = not request.raw_maps
-        if job.samples:
+        if job.method in attributions.METHODS:
+            maps = self._input_space_maps(request, model, job, classes[0], per_layer)
+        elif job.samples:
             maps = self._smoothed(model, job.image, classes, job.layers, request.smoothing,
                                   (job.method, size, job.fusion, normalize))
         else:
@@ -243,6 +254,46 @@ class ExplainerService(pb_grpc.ExplainerServicer):
             inference_us=(job.inferred - job.prepared) // 1000,
             postprocess_us=(finished - job.inferred) // 1000))
         return response
+
+    def _check_attribution_size(self, request: pb.ExplainRequest, method: str,
+                                targets: int) -> None:
+        """Input-space methods run images x targets gradients of the whole input at once."""
+        steps = request.integrated_gradients.steps or attributions.IG_STEPS
+        samples = request.smoothing.noise_samples or attributions.SMOOTHGRAD_SAMPLES
+        if method == "smoothgrad" and request.smoothing.noise_sigma < 0:
+            raise CamserveError("noise_sigma must be > 0")
+        if method == "integrated_gradients" and not 2 <= steps <= 1024:
+            raise CamserveError(f"integrated_gradients steps must be in 2..1024, got {steps}")
+        images = max(1, attributions.batch_size(method, samples, steps))
+        if images * targets > self.limits.max_samples * 2:
+            raise LimitError(f"{method} would run {images} images x {targets} targets; the "
+                             f"limit is {self.limits.max_samples * 2} image-targets")
+
+    def _input_space_maps(self, request: pb.ExplainRequest, model: ExplainerModel, job: "_Job",
+                          classes: np.ndarray, per_layer: dict) -> np.ndarray:
+        """Maps [K,H,W] at the model input from the saliency companion (one run)."""
+        image, method = job.image, job.method
+        if method == "smoothgrad":
+            smoothing = request.smoothing
+            return attributions.smoothgrad(
+                image, classes, model.gradients_of,
+                smoothing.noise_samples or attributions.SMOOTHGRAD_SAMPLES,
+                smoothing.noise_sigma or attributions.SMOOTHGRAD_SIGMA,
+                np.random.default_rng(smoothing.seed or None))
+        if method == "integrated_gradients":
+            options = request.integrated_gradients
+            baseline = (attributions.zero_baseline(image)
+                        if options.baseline == pb.IntegratedGradients.ZERO
+                        else attributions.black_baseline(model.card.preprocessing))
+            return attributions.integrated_gradients(
+                image, classes, model.gradients_of, baseline,
+                options.steps or attributions.IG_STEPS).maps
+        gradients = attributions.saliency(image, classes, model.gradients_of)
+        if method == "saliency":
+            return gradients
+        grad_cam = cam.cam_maps("gradcam", [(a[0], g[0]) for a, g in per_layer.values()], None,
+                                job.fusion)
+        return attributions.guided_gradcam(gradients, grad_cam)
 
     def _samples(self, smoothing: pb.Smoothing) -> int:
         """How many perturbed copies a smoothing request runs (0: no smoothing)."""
@@ -329,7 +380,8 @@ class ExplainerService(pb_grpc.ExplainerServicer):
                 std=p.std, scale=p.scale, channel_order=p.channel_order,
                 interpolation=p.interpolation, grayscale=p.grayscale),
             layers=[pb.LayerInfo(name=layer.name, shape=layer.shape) for layer in card.layers],
-            methods=cam.method_names(), contract_version=card.contract_version,
+            methods=cam.method_names() + (list(attributions.METHODS) if model.saliency else []),
+            contract_version=card.contract_version,
             execution_provider=model.provider, camserve_version=card.camserve_version)
 
     # --- errors ---------------------------------------------------------------------------

@@ -88,8 +88,24 @@ class Smoothing(_message.Message):
     seed: int
     def __init__(self, noise_samples: _Optional[int] = ..., noise_sigma: _Optional[float] = ..., horizontal_flip: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
 
+class IntegratedGradients(_message.Message):
+    __slots__ = ("steps", "baseline")
+    class Baseline(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        BASELINE_UNSPECIFIED: _ClassVar[IntegratedGradients.Baseline]
+        BLACK: _ClassVar[IntegratedGradients.Baseline]
+        ZERO: _ClassVar[IntegratedGradients.Baseline]
+    BASELINE_UNSPECIFIED: IntegratedGradients.Baseline
+    BLACK: IntegratedGradients.Baseline
+    ZERO: IntegratedGradients.Baseline
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    baseline: IntegratedGradients.Baseline
+    def __init__(self, steps: _Optional[int] = ..., baseline: _Optional[_Union[IntegratedGradients.Baseline, str]] = ...) -> None: ...
+
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "request_id", "encoded", "pixels", "tensor", "classes", "top_k", "method", "layers", "fusion", "output", "smoothing", "raw_maps")
+    __slots__ = ("model", "request_id", "encoded", "pixels", "tensor", "classes", "top_k", "method", "layers", "fusion", "output", "smoothing", "raw_maps", "integrated_gradients")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +119,7 @@ class ExplainRequest(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     SMOOTHING_FIELD_NUMBER: _ClassVar[int]
     RAW_MAPS_FIELD_NUMBER: _ClassVar[int]
+    INTEGRATED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     request_id: str
     encoded: bytes
@@ -116,7 +133,8 @@ class ExplainRequest(_message.Message):
     output: OutputOptions
     smoothing: Smoothing
     raw_maps: bool
-    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[RawImage, _Mapping]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., method: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[LayerFusion, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., smoothing: _Optional[_Union[Smoothing, _Mapping]] = ..., raw_maps: _Optional[bool] = ...) -> None: ...
+    integrated_gradients: IntegratedGradients
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[RawImage, _Mapping]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., method: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[LayerFusion, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., smoothing: _Optional[_Union[Smoothing, _Mapping]] = ..., raw_maps: _Optional[bool] = ..., integrated_gradients: _Optional[_Union[IntegratedGradients, _Mapping]] = ...) -> None: ...
 
 class Target(_message.Message):
     __slots__ = ("class_index", "label", "logit", "probability", "cam")
