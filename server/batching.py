@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from camserve.errors import CamserveError, DeadlineError
+from camserve.server.metrics import Metrics
 from camserve.server.models import ExplainerModel
 
 # (logits [1,N], classes [1,K], {layer: (activations [1,C,h,w], gradients [1,K,C,h,w])})
@@ -38,7 +39,7 @@ class Batcher:
     """Runs one model's requests in batches; ``run`` blocks until its result is ready."""
 
     def __init__(self, model: ExplainerModel, max_batch_size: int = 8,
-                 max_queue_delay: float = 0.002) -> None:
+                 max_queue_delay: float = 0.002, metrics: Metrics | None = None) -> None:
         if max_batch_size < 1 or max_queue_delay < 0:
             raise CamserveError("dynamic batching needs max batch size >= 1 and a queue "
                                 "delay >= 0")
@@ -50,6 +51,7 @@ class Batcher:
         self._ready = threading.Condition()
         self._closed = False
         self.batch_sizes: Counter[int] = Counter()  # how many runs had each batch size
+        self.metrics = metrics
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{model.name}",
                                         daemon=True)
         self._thread.start()
@@ -83,6 +85,8 @@ class Batcher:
                 raise CamserveError("the server is shutting down")
             self._jobs.append(job)
             self._ready.notify_all()
+            if self.metrics:
+                self.metrics.queue_depth.labels(self.model.name).set(len(self._jobs))
         try:
             return job.future.result()
         finally:
@@ -131,6 +135,9 @@ class Batcher:
         if not batch:
             return
         self.batch_sizes[len(batch)] += 1
+        if self.metrics:
+            self.metrics.batch_size.labels(self.model.name).observe(len(batch))
+            self.metrics.queue_depth.labels(self.model.name).set(len(self._jobs))
         width = max(len(job.targets) for job in batch)
         targets = np.full((len(batch), width), -1, np.int64)
         for row, job in enumerate(batch):

@@ -20,6 +20,7 @@ from camserve.errors import CamserveError, DeadlineError, LimitError, NotFoundEr
 from camserve.geometry import Geometry, to_original
 from camserve.server import attributions, cam, preprocess
 from camserve.server.batching import Batcher
+from camserve.server.metrics import Metrics
 from camserve.server.models import ExplainerModel
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
@@ -73,29 +74,46 @@ class ExplainerService(pb_grpc.ExplainerServicer):
     """Serves the loaded models; ``default`` answers requests that name none."""
 
     def __init__(self, models: dict[str, ExplainerModel], default: str | None = None,
-                 limits: Limits = Limits(), batchers: dict[str, Batcher] | None = None) -> None:
+                 limits: Limits = Limits(), batchers: dict[str, Batcher] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.models = models
         self.default = default or sorted(models)[0]
         self.limits = limits
         self.batchers = batchers or {}  # model name -> its dynamic batcher, when batching
+        self.metrics = metrics or Metrics()
 
     # --- RPCs -----------------------------------------------------------------------------
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext):
+        self.metrics.in_flight.inc()
+        code = grpc.StatusCode.OK
         try:
-            return self.explain(request, context.is_active)
+            return self._measured(self.explain(request, context.is_active))
         except Exception as exc:  # noqa: BLE001 -- every failure becomes a status
+            code = status_of(exc)
             self._abort(context, exc, request.request_id)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels("Explain", code.name).inc()
 
     def ExplainStream(self, requests: Iterator[pb.ExplainRequest],
                       context: grpc.ServicerContext):
         for request in requests:
             try:
-                yield self.explain(request, context.is_active)
+                response = self._measured(self.explain(request, context.is_active))
+                self.metrics.requests.labels("ExplainStream", "OK").inc()
+                yield response
             except Exception as exc:  # noqa: BLE001 -- one bad frame must not end the stream
                 code = status_of(exc)
+                self.metrics.requests.labels("ExplainStream", code.name).inc()
                 self._log_failure(exc, code, request.request_id)
                 yield pb.ExplainResponse(request_id=request.request_id,
                                          error=pb.Error(code=code.value[0], message=str(exc)))
+
+    def _measured(self, response: pb.ExplainResponse) -> pb.ExplainResponse:
+        t = response.timings
+        self.metrics.observe_timings(t.decode_us, t.preprocess_us, t.inference_us,
+                                     t.postprocess_us)
+        return response
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext):
         return pb.ListModelsResponse(models=[self.model_info(m) for _, m in
