@@ -26,7 +26,7 @@ from camserve.server.models import ExplainerModel
 Result = tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity (their arrays have no truth value)
 class _Job:
     image: np.ndarray  # [1,3,H,W]
     targets: np.ndarray  # [K]

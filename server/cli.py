@@ -10,7 +10,9 @@ from pathlib import Path
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve explainer graphs over gRPC",
                               description="Serve every explainer graph in --models over gRPC "
-                                          "(camserve.v1.Explainer, health, reflection).")
+                                          "(camserve.v1.Explainer, health, reflection). "
+                                          "SIGTERM/SIGINT stop it gracefully, SIGHUP reloads "
+                                          "the models folder.")
     p.add_argument("--models", type=Path, default=Path("models"), help="models folder")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     p.add_argument("--port", type=int, default=50051)
@@ -25,6 +27,19 @@ def add_parser(subparsers) -> None:
                    help="run every request on its own")
     p.add_argument("--default-model", help="model for requests that name none "
                                             "(default: first by name)")
+    tls = p.add_argument_group("security")
+    tls.add_argument("--tls-cert", type=Path, metavar="FILE",
+                     help="PEM certificate (chain) of the server; with --tls-key, serve TLS only")
+    tls.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    tls.add_argument("--tls-client-ca", type=Path, metavar="FILE",
+                     help="PEM CA certificate(s): require client certificates it signed "
+                          "(mutual TLS)")
+    tls.add_argument("--auth-token-file", type=Path, metavar="FILE",
+                     help="file holding one bearer token; every call but health and reflection "
+                          "must send metadata 'authorization: Bearer <token>'")
+    p.add_argument("--grace-seconds", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT: how long calls in flight may take to finish "
+                        "(default 10); SIGHUP reloads the models folder")
     p.set_defaults(run=run)
 
 
@@ -37,5 +52,9 @@ def run(args: argparse.Namespace) -> int:
                                default_model=args.default_model,
                                batching=not args.no_batching,
                                max_batch_size=args.max_batch_size,
-                               max_queue_delay_ms=args.max_queue_delay_ms))
+                               max_queue_delay_ms=args.max_queue_delay_ms,
+                               tls_cert=args.tls_cert, tls_key=args.tls_key,
+                               tls_client_ca=args.tls_client_ca,
+                               auth_token_file=args.auth_token_file,
+                               grace_seconds=args.grace_seconds))
     return 0

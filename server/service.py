@@ -7,6 +7,7 @@ crash or UNKNOWN.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -169,6 +170,8 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         whose deadline passed or that was cancelled is dropped before the graph runs)."""
         model = self.model(request.model)
         batcher = self.batchers.get(model.name)
+        if batcher is not None and batcher.model is not model:
+            batcher = None  # read across a reload: run this model directly
         if batcher is not None:
             batcher.expect()  # a batch may wait for this request while it decodes
         try:
@@ -242,7 +245,7 @@ class ExplainerService(pb_grpc.ExplainerServicer):
             maps = self._smoothed(model, job.image, classes, job.layers, request.smoothing,
                                   (job.method, size, job.fusion, normalize))
         else:
-            forward = cam.Forward(job.image, classes[0], lambda batch: _logits(model, batch))
+            forward = _forwards(model, job.image, classes[0], list(per_layer))
             maps = cam.cam_maps(job.method, [(a[0], g[0]) for a, g in per_layer.values()],
                                 size, job.fusion, normalize, forward)
         if job.space == pb.ORIGINAL_IMAGE:
@@ -339,8 +342,8 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         _, _, per_layer = model.run(batch, targets, layers)
         maps = np.stack([
             cam.cam_maps(method, [(a[s], g[s]) for a, g in per_layer.values()], size, fusion,
-                         normalize, cam.Forward(batch[s:s + 1], classes[0],
-                                                lambda b: _logits(model, b)))
+                         normalize, _forwards(model, batch[s:s + 1], classes[0],
+                                              list(per_layer)))
             for s in range(len(batch))])
         return cam.average_maps(maps, mirrored, normalize)
 
@@ -423,6 +426,16 @@ def _logits(model: ExplainerModel, batch: np.ndarray) -> np.ndarray:
     targets = np.full((len(batch), 1), -1, np.int64)
     return model.session.run([contract.LOGITS], {contract.IMAGE: batch,
                                                  contract.TARGETS: targets})[0]
+
+
+def _forwards(model: ExplainerModel, image: np.ndarray, classes: np.ndarray,
+              layers: list[str]) -> list[cam.Forward]:
+    """One ``cam.Forward`` per layer, for the methods that run the network again: the
+    explainer's logits of a batch, and the layer's head (``ablationcam``; a model without
+    one answers with a MissingCompanionError saying what to do)."""
+    return [cam.Forward(image, classes, lambda batch: _logits(model, batch),
+                        head_logits_of=functools.partial(model.head_logits, layer))
+            for layer in layers]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
