@@ -64,6 +64,8 @@ class ServerConfig:
     tls_client_ca: Path | None = None  # PEM CA: clients must show a certificate it signed
     auth_token_file: Path | None = None  # one bearer token every call but health must carry
     grace_seconds: float = 10.0  # on stop: how long calls in flight may take to finish
+    max_queue: int = 64  # calls waiting for a worker; beyond: RESOURCE_EXHAUSTED at once
+    metrics_port: int | None = None  # Prometheus exporter on host:port (0: any free port)
 
 
 class _Gate(grpc.ServerInterceptor):
@@ -173,6 +175,7 @@ class RunningServer:
         self.service = service
         self.config = config
         self._gate = gate
+        self.metrics_port: int | None = None  # set when the Prometheus exporter runs
         self._reload_lock = threading.Lock()  # one reload at a time
         self._state_lock = threading.Lock()  # swap vs stop
         self._stopping = False
@@ -335,8 +338,12 @@ def start(config: ServerConfig) -> RunningServer:
                ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
     gate = _Gate()
     interceptors = [gate] + ([TokenAuthInterceptor(token)] if token else [])
+    if config.workers < 1 or config.max_queue < 0:
+        raise CamserveError("--workers must be >= 1 and --max-queue >= 0")
+    # gRPC answers RESOURCE_EXHAUSTED at once to calls beyond workers + queue
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
-                         options=options, interceptors=interceptors)
+                         options=options, interceptors=interceptors,
+                         maximum_concurrent_rpcs=config.workers + config.max_queue)
     metrics = Metrics()
     batchers = _batchers(models, config, metrics)
     service = ExplainerService(models, config.default_model, Limits(), batchers, metrics)
@@ -358,6 +365,9 @@ def start(config: ServerConfig) -> RunningServer:
             batcher.close()
         raise OSError(f"cannot bind {address}{reason}")
     running = RunningServer(server, port, health_servicer, service, config, gate)
+    if config.metrics_port is not None:
+        running.metrics_port = metrics.serve(config.metrics_port, config.host)
+        log.info("metrics on http://%s:%d/metrics", config.host, running.metrics_port)
     server.start()
     for name in [""] + list(models):
         health_servicer.set(name, SERVING)

@@ -37,6 +37,13 @@ def add_parser(subparsers) -> None:
     tls.add_argument("--auth-token-file", type=Path, metavar="FILE",
                      help="file holding one bearer token; every call but health and reflection "
                           "must send metadata 'authorization: Bearer <token>'")
+    p.add_argument("--workers", type=int, default=16,
+                   help="calls answered at once (default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="calls waiting for a worker; more are refused with RESOURCE_EXHAUSTED "
+                        "at once (default 64)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (same host)")
     p.add_argument("--grace-seconds", type=float, default=10.0,
                    help="on SIGTERM/SIGINT: how long calls in flight may take to finish "
                         "(default 10); SIGHUP reloads the models folder")
@@ -56,5 +63,6 @@ def run(args: argparse.Namespace) -> int:
                                tls_cert=args.tls_cert, tls_key=args.tls_key,
                                tls_client_ca=args.tls_client_ca,
                                auth_token_file=args.auth_token_file,
-                               grace_seconds=args.grace_seconds))
+                               grace_seconds=args.grace_seconds, workers=args.workers,
+                               max_queue=args.max_queue, metrics_port=args.metrics_port))
     return 0
