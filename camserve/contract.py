@@ -29,6 +29,31 @@ Its metadata holds the main file's card keys (``METADATA_KEYS``, so the file des
 itself) plus ``camserve.companion_of`` = {"model": "<stem>", "kind": "saliency"}
 (``KEY_COMPANION``). A companion is not a model on its own: the server attaches it to the
 model ``<stem>``.
+
+Head companion (always written by ``camserve export``): ``<stem>.head.onnx``
+(``companion_path(path, HEAD)``), the *head* of each explained layer -- the part of the
+network from the layer's activations to the logits -- as a graph of its own, so that the
+logits can be computed from modified activations (Ablation-CAM; an ONNX runtime cannot feed
+an intermediate tensor of the explainer graph). Per layer whose head reads nothing but that
+layer's activations:
+
+Inputs:
+  ``activations`` / ``activations.<layer>``  float32 [B,C,h,w], named as the explainer's
+                                             output for that layer (``Layer.activations``)
+Outputs:
+  ``logits`` / ``logits.<layer>``            float32 [B,N] (``head_output_names``: plain
+                                             when the model explains one layer)
+
+A layer whose head also reads other tensors of the network (a skip connection crossing the
+cut, e.g. resnet's ``layer4.0.conv1``, whose block adds ``layer3``'s output back) is left out
+of the file; with no such layer at all, no head file is written. Each input has its own
+batch dimension. ONNX Runtime wants every graph input fed, so a caller asking for one layer
+feeds the others an empty [0,C,h,w] tensor and fetches only that layer's logits (the server
+also sets ``RunOptions.only_execute_path_to_fetches``, so the other heads do not run at all).
+The file shares no tensor with the explainer file: it holds its own copy of the head's
+weights -- for resnet ``layer4`` that is the fc layer (2 MB for resnet18, 8 MB for
+resnet50), for VGG-16's last block the whole classifier (124 M parameters, about 0.5 GB).
+Its metadata is that of the saliency companion with kind ``"head"``.
 """
 
 from __future__ import annotations
@@ -59,7 +84,8 @@ KEY_LAYERS = "camserve.layers"
 METADATA_KEYS = (KEY_CONTRACT, KEY_VERSION, KEY_ARCH, KEY_LABELS, KEY_PREPROCESSING, KEY_LAYERS)
 KEY_COMPANION = "camserve.companion_of"
 SALIENCY = "saliency"  # the kind of companion holding ``input_gradients``
-COMPANION_KINDS = (SALIENCY,)
+HEAD = "head"  # the kind of companion holding the heads (activations -> logits)
+COMPANION_KINDS = (SALIENCY, HEAD)
 
 
 class ContractError(CamserveError):
@@ -143,6 +169,13 @@ def layer_output_names(layer_names: list[str]) -> list[tuple[str, str]]:
     if len(layer_names) == 1:
         return [(ACTIVATIONS, GRADIENTS)]
     return [(f"{ACTIVATIONS}.{n}", f"{GRADIENTS}.{n}") for n in layer_names]
+
+
+def head_output_names(layer_names: list[str]) -> list[str]:
+    """The head companion's logits output per layer: ``logits`` for a single layer."""
+    if len(layer_names) == 1:
+        return [LOGITS]
+    return [f"{LOGITS}.{n}" for n in layer_names]
 
 
 def companion_path(model_path: str | Path, kind: str = SALIENCY) -> Path:

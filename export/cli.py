@@ -1,4 +1,5 @@
-"""``camserve export``: write NAME.onnx (and NAME.saliency.onnx) for a named architecture."""
+"""``camserve export``: write NAME.onnx, NAME.head.onnx (and NAME.saliency.onnx) for a named
+architecture."""
 
 from __future__ import annotations
 
@@ -65,4 +66,12 @@ def run(args: argparse.Namespace) -> int:
     if result.companion is not None:
         print(f"wrote {result.companion} ({result.companion.stat().st_size / 1e6:.1f} MB): "
               "input gradients")
+    if result.head is not None:
+        print(f"wrote {result.head} ({result.head.stat().st_size / 1e6:.1f} MB): the heads "
+              f"(activations -> logits, for ablationcam) of {', '.join(result.head_layers)}")
+    left_out = [layer.name for layer in result.card.layers
+                if layer.name not in result.head_layers]
+    if left_out:
+        print(f"note: no head for {', '.join(left_out)} (the network after it also reads "
+              "tensors from before it): ablationcam cannot explain it", file=sys.stderr)
     return 0

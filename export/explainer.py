@@ -29,6 +29,8 @@ class ExportResult:
     card: ModelCard
     default_layer_chosen: bool
     companion: Path | None = None  # ``<stem>.saliency.onnx`` with ``input_gradients=True``
+    head: Path | None = None  # ``<stem>.head.onnx``, unless no layer's head could be cut out
+    head_layers: tuple[str, ...] = ()  # the layers the head companion holds
 
 
 def export_explainer(
@@ -49,10 +51,15 @@ def export_explainer(
     ``labels`` default to "class <i>"; ``preprocess`` defaults to the ImageNet evaluation
     transform at that size. The file appears whole or not at all.
 
+    The head companion ``<stem>.head.onnx`` (each layer's activations -> logits, for
+    Ablation-CAM, see ``camserve.contract``) is always written next to it, holding every
+    layer whose head reads only that layer's activations (none: no file).
+
     With ``input_gradients`` the saliency companion ``<stem>.saliency.onnx`` (gradients of
     the class logits with respect to the image, see ``camserve.contract``) is written next
-    to it; both files appear or neither does. Without it, a companion left there by an
-    earlier export is removed, so that it cannot be attached to a different network.
+    to it. All the files appear or none does. A companion not written this time but left
+    there by an earlier export is removed, so that it cannot be attached to a different
+    network.
     """
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     model = model.eval()
@@ -92,6 +99,8 @@ def export_explainer(
                    for i, (act, grad) in enumerate(output_names)]
         explainer = graph.build_explainer(forward, tensors)
         saliency = graph.build_saliency(forward) if input_gradients else None
+        head, left_out = graph.build_head(forward, tensors,
+                                          contract.head_output_names(names))
     files = [(explainer, path)]
     _add_metadata(explainer, card.to_metadata(),
                   f"camserve explainer for {architecture} (graph contract v1)")
@@ -100,10 +109,20 @@ def export_explainer(
         _add_metadata(saliency, {**card.to_metadata(), **contract.companion_metadata(path.stem)},
                       f"camserve saliency companion of {path.name} (input gradients)")
         files.append((saliency, companion))
+    head_path = contract.companion_path(path, contract.HEAD)
+    head_layers = tuple(layer.name for layer in card.layers if layer.activations not in left_out)
+    if head is not None:
+        _add_metadata(head, {**card.to_metadata(),
+                             **contract.companion_metadata(path.stem, contract.HEAD)},
+                      f"camserve head companion of {path.name} (activations -> logits of "
+                      f"layers {', '.join(head_layers)})")
+        files.append((head, head_path))
     _write_atomically(files)
-    if saliency is None and companion.is_file():
-        companion.unlink()  # stale: it belongs to an earlier export of this name
-    return ExportResult(path, card, chosen_default, companion if saliency is not None else None)
+    for written, stale in ((saliency, companion), (head, head_path)):
+        if written is None and stale.is_file():
+            stale.unlink()  # it belongs to an earlier export of this name
+    return ExportResult(path, card, chosen_default, companion if saliency is not None else None,
+                        head_path if head is not None else None, head_layers)
 
 
 def _add_metadata(model: onnx.ModelProto, metadata: dict[str, str], doc: str) -> None:

@@ -19,6 +19,10 @@ transposes) is folded at export time so that nothing of it runs per call.
 as the head (its boundary input is ``image``): outputs ``logits``, ``classes`` and
 ``input_gradients`` [B,K,3,H,W]. A network with convolutions goes through the Scan, so the
 companion recomputes the forward pass per sample inside it.
+
+``build_head`` makes the head companion: the same heads, cut out the same way but not
+differentiated, side by side in one graph with the activations as inputs and the logits as
+outputs (for methods that recompute the logits from modified activations: Ablation-CAM).
 """
 
 from __future__ import annotations
@@ -91,6 +95,148 @@ def build_saliency(forward: onnx.ModelProto) -> onnx.ModelProto:
     return base.finish("camserve_saliency")
 
 
+def build_head(forward: onnx.ModelProto, layers: list[LayerTensors],
+               logits: list[str]) -> tuple[onnx.ModelProto | None, list[str]]:
+    """Head companion graph from a forward graph: per layer, its head (activations ->
+    logits) with input ``layer.activations`` [B_i,C,h,w] and output ``logits[i]`` [B_i,N].
+
+    A layer whose head reads other tensors besides its activations (a skip connection
+    crossing the cut) cannot be fed its activations alone and is left out. Returns the
+    model (None when every layer was left out) and the activations names of those left out.
+    """
+    light, weights = _prepared(forward)
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+    inputs: list[onnx.ValueInfoProto] = []
+    outputs: list[onnx.ValueInfoProto] = []
+    used_weights: set[str] = set()
+    left_out = []
+    for index, (layer, output) in enumerate(zip(layers, logits)):
+        head = _self_contained(light, _extract_head(light, layer.forward_name))
+        if head.num_boundary != 1:
+            left_out.append(layer.activations)
+            continue
+        scope = f"head/{index}/"
+        body = _prefixed(head.model.graph, scope, keep=head.weights)
+        rename = {scope + layer.forward_name: layer.activations, scope + contract.LOGITS: output}
+        for node in body.node:
+            _rename_io(node, rename)
+        batch = "B" if len(layers) == 1 else f"B{index}"  # every head has a batch of its own
+        for value, name in ((body.input[0], layer.activations), (body.output[0], output)):
+            value.name = name
+            value.type.tensor_type.shape.dim[0].Clear()
+            value.type.tensor_type.shape.dim[0].dim_param = batch
+            (inputs if name == layer.activations else outputs).append(value)
+        nodes += body.node
+        initializers += body.initializer
+        used_weights |= head.weights
+    if not inputs:
+        return None, left_out
+    # built and checked with the large weights as inputs (cheap to copy), which then become
+    # initializers: for VGG's classifier that saves seconds of protobuf copies
+    large = [_value_info(light.graph, name) for name in sorted(used_weights)]
+    built = helper.make_graph(nodes, "camserve_head", inputs + large, outputs,
+                              initializer=initializers)
+    model = helper.make_model(built, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="camserve")
+    model.ir_version = forward.ir_version
+    model = fold_constants(model)
+    onnx.checker.check_model(model)
+    del model.graph.input[len(inputs):]
+    reads = {i for n in model.graph.node for i in n.input} | _subgraph_reads(model.graph.node)
+    model.graph.initializer.extend(w for w in weights if w.name in reads)
+    return model, left_out
+
+
+def _self_contained(forward: onnx.ModelProto, head: "_Head") -> "_Head":
+    """``head`` with every boundary tensor that is computed from nothing but the shapes of
+    tensors before the cut recomputed inside it; what remains on its boundary besides the
+    activations carries values from before the cut (a skip connection).
+
+    Such a tensor comes from e.g. ``x.view(inputs.size(0), -1)`` (a Shape of the image,
+    Gather, Concat). Each ``Shape`` of a tensor [B,d1,...] with static d1,... and the
+    activations' batch B becomes the activations' batch size and the constants d1,....
+    """
+    if head.num_boundary == 1:
+        return head
+    graph = forward.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    constants = {init.name for init in graph.initializer}
+    activations = head.model.graph.input[0]
+    batch = _dims(activations)[0]
+    cone: list[onnx.NodeProto] = []  # the nodes computing the recomputed tensors, in order
+    seen: set[str] = set()
+
+    def recompute(name: str) -> bool:
+        if name in constants or name in seen:
+            return True
+        node = producers.get(name)
+        if node is None or any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute):
+            return False
+        if node.op_type == "Shape":
+            replaced = _shape_from_batch(node, graph, activations.name, batch)
+            if replaced is None:
+                return False
+            cone.extend(replaced)
+        elif all(recompute(i) for i in node.input if i):
+            cone.append(node)
+        else:
+            return False
+        seen.update(node.output)
+        return True
+
+    kept = []
+    for value in head.boundary[1:]:
+        before, known = len(cone), set(seen)
+        if not recompute(value.name):
+            del cone[before:]
+            seen.intersection_update(known)
+            kept.append(value.name)
+    if len(kept) == head.num_boundary - 1:
+        return head
+    model = copy.deepcopy(head.model)
+    inputs = list(model.graph.input)
+    del model.graph.input[:]
+    model.graph.input.extend([inputs[0]] + [v for v in inputs[1:] if v.name in kept
+                                            or v.name in head.weights])
+    nodes = cone + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    reads = {i for n in cone for i in n.input}
+    model.graph.initializer.extend(i for i in graph.initializer if i.name in reads)
+    return _Head(onnx.shape_inference.infer_shapes(model), head.activations, 1 + len(kept))
+
+
+def _shape_from_batch(node: onnx.NodeProto, graph: onnx.GraphProto, activations: str,
+                      batch: int | str) -> list[onnx.NodeProto] | None:
+    """Nodes computing ``Shape(x)`` (``node``) from the activations' batch size when x is
+    [batch,d1,...] with d1,... static; None otherwise."""
+    try:
+        dims = _dims(_value_info(graph, node.input[0]))
+    except GraphBuildError:
+        return None
+    if not dims or dims[0] != batch or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    picked = list(range(len(dims)))[slice(attrs.get("start", 0), attrs.get("end"))]
+    out = node.output[0]
+    rest = np.array([dims[i] for i in picked if i > 0], np.int64)
+    constant = helper.make_node("Constant", [], [out + "/static" if 0 in picked else out],
+                                value=numpy_helper.from_array(rest))
+    if 0 not in picked:
+        return [constant]
+    size = helper.make_node("Shape", [activations], [out + "/batch"], start=0, end=1)
+    return [size, constant, helper.make_node("Concat", [out + "/batch", out + "/static"],
+                                             [out], axis=0)]
+
+
+def _prepared(forward: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """The forward graph with its large weights split off (as graph inputs), constants
+    folded and shapes inferred; and those weights."""
+    light, weights = _split_weights(forward)
+    return onnx.shape_inference.infer_shapes(fold_constants(light), strict_mode=True), weights
+
+
 @dataclass
 class _Base:
     """What every graph built here starts from: the forward nodes and weights, the nodes
@@ -105,8 +251,7 @@ class _Base:
 
     @classmethod
     def of(cls, forward: onnx.ModelProto) -> "_Base":
-        light, weights = _split_weights(forward)
-        forward = onnx.shape_inference.infer_shapes(fold_constants(light), strict_mode=True)
+        forward, weights = _prepared(forward)
         graph = forward.graph
         num_classes = _static_dims(_value_info(graph, contract.LOGITS))[1]
         resolve_nodes, seeds = _resolve_targets(num_classes)
@@ -125,7 +270,10 @@ class _Base:
             produced = {o for node in self.forward.graph.node for o in node.output}
             nodes = [n for n in nodes if not set(n.output) <= produced]
         except (UnsupportedOperator, ValueError):
-            nodes, inits, out = _scanned_adjoint(head, self.seeds, scope)
+            # a Scan slices every boundary tensor along the batch: shapes from before the
+            # cut (not batch-major) are recomputed inside the head, per sample
+            nodes, inits, out = _scanned_adjoint(_self_contained(self.forward, head),
+                                                 self.seeds, scope)
         self.nodes += nodes
         self.initializers += inits
         rank = len(_dims(head.model.graph.input[0]))  # adjoint [B,...,K] -> [B,K,...]

@@ -1,8 +1,10 @@
 """Postprocessing: class activation maps from (activations, gradients) with NumPy alone.
 
 Each method is one pure function ``(A [C,h,w], G [K,C,h,w]) -> raw maps [K,h,w]``, listed in
-``METHODS``; adding a method is a function and a line. ``cam_maps`` then applies the
-normalisation and upsampling of grad-cam 1.5.7 so the maps are comparable with it:
+``METHODS``; adding a method is a function and a line. Methods that run the network again
+(Score-CAM, Ablation-CAM) take ``(A [C,h,w], Forward)`` instead and are listed in
+``FORWARD_METHODS``. ``cam_maps`` then applies the normalisation and upsampling of
+grad-cam 1.5.7 so the maps are comparable with it:
 
     per layer:  ReLU -> per-map (x - min) / (max - min + 1e-7) -> bilinear resize
     layers:     fuse (mean, as grad-cam; sum; max) -> ReLU -> the same min-max once more
@@ -11,7 +13,7 @@ normalisation and upsampling of grad-cam 1.5.7 so the maps are comparable with i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -96,13 +98,16 @@ METHODS: dict[str, CamMethod] = {
 @dataclass(frozen=True)
 class Forward:
     """What a method that runs the network again needs: the model input [1,3,H,W], the
-    resolved classes [K], and ``logits_of(batch [S,3,H,W]) -> logits [S,N]`` (one batched
-    graph run per call)."""
+    resolved classes [K], ``logits_of(batch [S,3,H,W]) -> logits [S,N]`` (one batched
+    graph run per call) and, for the layer being explained,
+    ``head_logits_of(activations [S,C,h,w]) -> logits [S,N]`` (the network from that layer
+    on: one batched run of the model's head companion; None when the caller has none)."""
 
     image: np.ndarray
     classes: np.ndarray
     logits_of: Callable[[np.ndarray], np.ndarray]
     batch_size: int = 32
+    head_logits_of: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def scorecam(activations: np.ndarray, forward: Forward) -> np.ndarray:
@@ -125,8 +130,39 @@ def scorecam(activations: np.ndarray, forward: Forward) -> np.ndarray:
     return _weighted(weights, activations)
 
 
+ABLATION_OFFSET = 1e7  # grad-cam's ABLATION_VALUE
+
+
+def ablationcam(activations: np.ndarray, forward: Forward) -> np.ndarray:
+    """Ablation-CAM: each channel in turn is ablated -- set to 0 when min(A) = 0 (after a
+    ReLU), else to min(A) - 1e7 -- and the network is continued from the layer (its head);
+    w_c = (y - y_c) / y with y the class logit and y_c the logit with channel c ablated.
+
+    Costs C extra runs of the head, in batches of ``forward.batch_size`` (the first batch
+    also holds the activations as they are, for y).
+    """
+    if forward.head_logits_of is None:
+        raise MethodError("method 'ablationcam' needs the layer's head graph (the model's "
+                          ".head.onnx companion, written by 'camserve export')")
+    channels = len(activations)
+    low = activations.min()
+    value = 0 if low == 0 else low - ABLATION_OFFSET
+    rows = np.arange(channels + 1)  # row 0: nothing ablated; row 1 + c: channel c ablated
+    scores = []
+    for start in range(0, channels + 1, forward.batch_size):
+        chunk = rows[start:start + forward.batch_size]
+        batch = np.repeat(activations[None].astype(np.float32, copy=False), len(chunk), axis=0)
+        ablated = chunk > 0
+        batch[np.flatnonzero(ablated), chunk[ablated] - 1] = value
+        scores.append(forward.head_logits_of(batch))
+    logits = np.concatenate(scores)[:, forward.classes].T  # [K,C+1]
+    original = logits[:, :1]
+    return _weighted((original - logits[:, 1:]) / original, activations)
+
+
 FORWARD_METHODS: dict[str, Callable[[np.ndarray, Forward], np.ndarray]] = {
     "scorecam": scorecam,
+    "ablationcam": ablationcam,
 }
 
 
@@ -177,30 +213,33 @@ def normalize_maps(maps: np.ndarray) -> np.ndarray:
 
 def cam_maps(method_name: str, layers: list[tuple[np.ndarray, np.ndarray]],
              size: tuple[int, int] | None, fusion: str = "mean",
-             normalize: bool = True, forward: Forward | None = None) -> np.ndarray:
+             normalize: bool = True, forward: Forward | Sequence[Forward] | None = None
+             ) -> np.ndarray:
     """Maps [K,H,W] for K targets from one image's per-layer (A [C,h,w], G [K,C,h,w]).
 
     ``size`` = (H, W) upsamples every map there; None keeps the finest layer grid.
     With ``normalize`` False the raw ReLU'd, fused maps come back unscaled. Methods in
-    ``FORWARD_METHODS`` also need ``forward``.
+    ``FORWARD_METHODS`` also need ``forward``: one for every layer, or one per layer (in
+    the order of ``layers``; what ``ablationcam`` needs, whose ``head_logits_of`` is per
+    layer).
     """
     check_method(method_name)
-    if method_name in METHODS:
-        compute = METHODS[method_name]
-    else:
+    forwards: list[Forward] = []
+    if method_name in FORWARD_METHODS:
         if forward is None:
             raise MethodError(f"method {method_name!r} needs the model to run again")
-        run_again = FORWARD_METHODS[method_name]
-
-        def compute(activations: np.ndarray, _gradients: np.ndarray) -> np.ndarray:
-            return run_again(activations, forward)
+        forwards = [forward] * len(layers) if isinstance(forward, Forward) else list(forward)
+        if len(forwards) != len(layers):
+            raise ValueError(f"{len(forwards)} forwards given for {len(layers)} layers")
     if fusion not in FUSIONS:
         raise MethodError(f"unknown layer fusion {fusion!r}; choose one of: {', '.join(FUSIONS)}")
     if size is None:
         size = max((a.shape[1:] for a, _ in layers), key=lambda hw: hw[0] * hw[1])
     per_layer = []
-    for activations, gradients in layers:
-        maps = np.maximum(compute(activations, gradients), 0).astype(np.float32, copy=False)
+    for index, (activations, gradients) in enumerate(layers):
+        raw = (FORWARD_METHODS[method_name](activations, forwards[index]) if forwards
+               else METHODS[method_name](activations, gradients))
+        maps = np.maximum(raw, 0).astype(np.float32, copy=False)
         if normalize:
             maps = normalize_maps(maps)
         per_layer.append(np.stack([resize_map(m, *size) for m in maps]))

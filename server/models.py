@@ -6,7 +6,9 @@ provider when asked and available, else on the CPU.
 
 A saliency companion ``<stem>.saliency.onnx`` (``camserve export --input-gradients``) is not
 a model of its own: it is validated and attached to the model ``<stem>`` as
-``ExplainerModel.saliency``, whose ``input_gradients`` and ``gradients_of`` run it.
+``ExplainerModel.saliency``, whose ``input_gradients`` and ``gradients_of`` run it. The head
+companion ``<stem>.head.onnx`` (activations -> logits per layer, written by every export) is
+attached the same way as ``ExplainerModel.head``; ``head_logits`` runs it.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ class DeviceError(CamserveError):
 
 
 class MissingCompanionError(CamserveError):
-    """An input-space attribution was asked of a model exported without its companion."""
+    """A method was asked of a model exported without the companion it needs."""
 
 
 class CompanionFileError(ContractError):
-    """A saliency companion was opened as a model of its own."""
+    """A companion file was opened as a model of its own."""
 
 
 @dataclass
@@ -53,6 +55,8 @@ class ExplainerModel:
     session: ort.InferenceSession
     provider: str
     saliency: ort.InferenceSession | None = None  # the <stem>.saliency.onnx companion
+    head: ort.InferenceSession | None = None  # the <stem>.head.onnx companion
+    head_layers: tuple[str, ...] = ()  # the layers it holds a head for
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -103,12 +107,45 @@ class ExplainerModel:
                                                 targets)
         return logits, grads
 
+    def head_logits(self, layer: str, activations: np.ndarray) -> np.ndarray:
+        """logits [S,N] of the network continued from ``layer``'s activations [S,C,h,w]
+        (e.g. with channels ablated): one run of the head companion.
+
+        Raises MissingCompanionError when the model has no head for ``layer``.
+        """
+        if layer not in self.head_layers:
+            raise MissingCompanionError(self._no_head(layer))
+        assert self.head is not None
+        names = contract.head_output_names([item.name for item in self.card.layers])
+        chosen = self.card.layer(layer)
+        feeds = {}
+        for item in self.card.layers:  # every input must be fed: the others get batch 0
+            if item.name in self.head_layers and item is not chosen:
+                feeds[item.activations] = np.zeros((0, *item.shape), np.float32)
+        feeds[chosen.activations] = np.ascontiguousarray(activations, np.float32)
+        output = names[self.card.layers.index(chosen)]
+        return self.head.run([output], feeds, _ONLY_FETCHES)[0]
+
+    def _no_head(self, layer: str) -> str:
+        self.card.layer(layer)  # KeyError for an unknown layer
+        if self.head is None:
+            return (f"model {self.name!r} has no head companion {self.name}.head.onnx (the "
+                    "activations -> logits graph that ablationcam runs): export it again with "
+                    "this camserve's 'camserve export', which writes it next to the model")
+        usable = ", ".join(self.head_layers)
+        return (f"layer {layer!r} of model {self.name!r} has no head in {self.name}.head.onnx: "
+                "the network after it also reads tensors from before it (a skip connection "
+                "crosses the cut), so its logits cannot be recomputed from its activations "
+                f"alone; ablationcam can explain: {usable}")
+
     def warm_up(self) -> None:
         height, width = self.input_size
         image, targets = np.zeros((1, 3, height, width), np.float32), np.full((1, 1), -1, np.int64)
         self.run(image, targets, [layer.name for layer in self.card.layers])
         if self.saliency is not None:
             self.input_gradients(image, targets)
+        for layer in self.head_layers:
+            self.head_logits(layer, np.zeros((1, *self.card.layer(layer).shape), np.float32))
 
 
 def read_card(model: onnx.ModelProto, source: str) -> ModelCard:
@@ -162,6 +199,43 @@ def read_saliency_card(model: onnx.ModelProto, source: str) -> tuple[ModelCard, 
     return card, owner[0]
 
 
+def read_head_card(model: onnx.ModelProto, source: str) -> tuple[ModelCard, str, tuple[str, ...]]:
+    """A head companion's card, the name of its model and the layers it holds a head for,
+    after checking its inputs and outputs against the companion contract."""
+    props = {p.key: p.value for p in model.metadata_props}
+    owner = contract.companion_of(props)
+    if owner is None or owner[1] != contract.HEAD:
+        raise ContractError(f"{source}: not a head companion (no {contract.KEY_COMPANION} "
+                            "metadata of kind 'head')")
+    card = ModelCard.from_metadata(props)
+    inputs = {v.name: _shape(v) for v in model.graph.input}
+    outputs = {v.name: _shape(v) for v in model.graph.output}
+    logits = contract.head_output_names([layer.name for layer in card.layers])
+    layers = []
+    for layer, output in zip(card.layers, logits):
+        if layer.activations not in inputs:
+            continue
+        if inputs.pop(layer.activations)[1:] != list(layer.shape):
+            raise ContractError(f"{source}: input {layer.activations!r} is not "
+                                f"[B,{','.join(map(str, layer.shape))}]")
+        if outputs.get(output, [])[1:] != [len(card.labels)]:
+            raise ContractError(f"{source}: output {output!r} [B,{len(card.labels)}] is missing")
+        layers.append(layer.name)
+    if inputs:
+        raise ContractError(f"{source}: inputs {sorted(inputs)} are no layer's activations")
+    if not layers:
+        raise ContractError(f"{source}: holds no layer's head")
+    return card, owner[0], tuple(layers)
+
+
+def _shape(value: onnx.ValueInfoProto) -> list[int]:
+    return [d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+_ONLY_FETCHES = ort.RunOptions()
+_ONLY_FETCHES.only_execute_path_to_fetches = True  # the other layers' heads get batch 0
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -196,8 +270,8 @@ def open_session(path: Path, device: str, threads: int | None) -> tuple[ort.Infe
 
 
 def load_model(path: Path, device: str = "auto", threads: int | None = None) -> ExplainerModel:
-    """Validate and open one explainer file, with its saliency companion when one lies next
-    to it; raises ContractError for a file that isn't an explainer."""
+    """Validate and open one explainer file, with its saliency and head companions when they
+    lie next to it; raises ContractError for a file that isn't an explainer."""
     return _open_model(Path(path), device, threads)
 
 
@@ -208,9 +282,9 @@ def _read(path: Path) -> onnx.ModelProto:
         raise ContractError(f"{path.name}: not an ONNX model ({type(exc).__name__})") from exc
 
 
-def _companion_owner(model: onnx.ModelProto) -> str | None:
-    owner = contract.companion_of({p.key: p.value for p in model.metadata_props})
-    return owner[0] if owner else None
+def _companion_owner(model: onnx.ModelProto) -> tuple[str, str] | None:
+    """(model, kind) of a companion file, None for a model."""
+    return contract.companion_of({p.key: p.value for p in model.metadata_props})
 
 
 def _check(model: onnx.ModelProto, source: str) -> None:
@@ -225,8 +299,8 @@ def _open_model(path: Path, device: str, threads: int | None) -> ExplainerModel:
     model = _read(path)
     owner = _companion_owner(model)
     if owner is not None:
-        raise CompanionFileError(f"{path.name} is the saliency companion of model {owner!r}, "
-                                 "not a model of its own")
+        raise CompanionFileError(f"{path.name} is the {owner[1]} companion of model "
+                                 f"{owner[0]!r}, not a model of its own")
     card = read_card(model, path.name)
     _check(model, path.name)
     del model
@@ -236,29 +310,44 @@ def _open_model(path: Path, device: str, threads: int | None) -> ExplainerModel:
     companion = contract.companion_path(path)
     if companion.is_file():
         try:
-            loaded.saliency = _open_saliency(companion, loaded, device, threads)
+            loaded.saliency = _open_companion(companion, contract.SALIENCY, loaded, device,
+                                              threads)[0]
         except DeviceError:
             raise
         except CamserveError as exc:
             log.error("ignoring %s: %s", companion.name, exc)
+    head = contract.companion_path(path, contract.HEAD)
+    if head.is_file():
+        try:
+            loaded.head, loaded.head_layers = _open_companion(head, contract.HEAD, loaded,
+                                                              device, threads)
+        except DeviceError:
+            raise
+        except CamserveError as exc:
+            log.error("ignoring %s: %s", head.name, exc)
     return loaded
 
 
-def _open_saliency(path: Path, owner: ExplainerModel, device: str,
-                   threads: int | None) -> ort.InferenceSession:
-    """The companion's session, after checking it against the contract and its model."""
+def _open_companion(path: Path, kind: str, owner: ExplainerModel, device: str,
+                    threads: int | None) -> tuple[ort.InferenceSession, tuple[str, ...]]:
+    """A companion's session (and for a head companion the layers it holds), after checking
+    it against the contract and its model."""
     model = _read(path)
-    card, name = read_saliency_card(model, path.name)
+    if kind == contract.HEAD:
+        card, name, layers = read_head_card(model, path.name)
+        again = "again"
+    else:
+        (card, name), layers = read_saliency_card(model, path.name), ()
+        again = "again with --input-gradients"
     if card != owner.card:
         raise ContractError(f"its metadata (architecture, labels, preprocessing, layers) "
-                            f"differs from model {owner.name!r}'s; export both again with "
-                            "--input-gradients")
+                            f"differs from model {owner.name!r}'s; export both {again}")
     if name != owner.name:
         log.warning("%s says it belongs to model %r; attaching it to %r, the file next to it",
                     path.name, name, owner.name)
     _check(model, path.name)
     del model
-    return open_session(path, device, threads)[0]
+    return open_session(path, device, threads)[0], layers
 
 
 def load_models(folder: Path, device: str = "auto", threads: int | None = None,
@@ -266,7 +355,7 @@ def load_models(folder: Path, device: str = "auto", threads: int | None = None,
     """Every valid explainer in ``folder`` by file stem; invalid files are refused and logged
     (and, given a ``refused`` list, added to it as "file: why").
 
-    Saliency companions are attached to their models (``ExplainerModel.saliency``), not
+    Companions are attached to their models (``ExplainerModel.saliency``, ``.head``), not
     served on their own; one whose model is missing or refused is logged and ignored.
     Raises CamserveError when the folder holds no usable model.
     """
@@ -290,17 +379,20 @@ def load_models(folder: Path, device: str = "auto", threads: int | None = None,
                 refused.append(f"{path.name}: {str(exc).removeprefix(path.name + ': ')}")
             continue
         model.warm_up()
-        log.info("model %s (%s, %d classes, layers %s%s) runs on %s", model.name,
+        log.info("model %s (%s, %d classes, layers %s%s%s) runs on %s", model.name,
                  model.card.architecture, model.num_classes,
                  ",".join(layer.name for layer in model.card.layers),
-                 "; with input gradients" if model.saliency is not None else "", model.provider)
+                 "; with input gradients" if model.saliency is not None else "",
+                 f"; heads of {','.join(model.head_layers)}" if model.head_layers else "",
+                 model.provider)
         models[model.name] = model
-    tried = {contract.companion_path(folder / f"{name}.onnx") for name in models}
+    tried = {contract.companion_path(folder / f"{name}.onnx", kind)
+             for name in models for kind in contract.COMPANION_KINDS}
     for path in companions:
         if path not in tried:  # (a companion of a loaded model was attached or said why not)
-            log.error("ignoring %s: a saliency companion is used only with its model "
-                      "<model>.onnx beside it as <model>.saliency.onnx, and no loaded model "
-                      "is there", path.name)
+            log.error("ignoring %s: a companion is used only with its model <model>.onnx "
+                      "beside it as <model>.<kind>.onnx, and no loaded model is there",
+                      path.name)
     if not models:
         raise CamserveError(f"no explainer graph in {str(folder)!r} passed validation; "
                             "export one with 'camserve export --out DIR'")

@@ -161,10 +161,10 @@ def test_export_writes_both_files_or_neither(tmp_path, tiny_model):
     (tmp_path / "t.saliency.onnx").rmdir()
 
     export_explainer(tiny_model, tmp_path / "t.onnx", input_size=64, input_gradients=True)
-    assert sorted(os.listdir(tmp_path)) == ["t.onnx", "t.saliency.onnx"]
+    assert sorted(os.listdir(tmp_path)) == ["t.head.onnx", "t.onnx", "t.saliency.onnx"]
     result = export_explainer(tiny_model, tmp_path / "t.onnx", input_size=64)
     assert result.companion is None
-    assert sorted(os.listdir(tmp_path)) == ["t.onnx"]  # a stale companion is removed
+    assert sorted(os.listdir(tmp_path)) == ["t.head.onnx", "t.onnx"]  # a stale one is removed
 
 
 # --- 3. loading: one model, the companion attached ------------------------------------------
@@ -332,7 +332,7 @@ def test_cli_writes_the_companion(tmp_path, capsys):
                           "--input-gradients", "--out", str(tmp_path), "--name", "r"])
     out = capsys.readouterr().out
     assert code == 0
-    assert sorted(os.listdir(tmp_path)) == ["r.onnx", "r.saliency.onnx"]
+    assert sorted(os.listdir(tmp_path)) == ["r.head.onnx", "r.onnx", "r.saliency.onnx"]
     assert f"wrote {tmp_path / 'r.saliency.onnx'}" in out
     session = ort.InferenceSession(str(tmp_path / "r.saliency.onnx"),
                                    providers=["CPUExecutionProvider"])

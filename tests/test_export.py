@@ -494,8 +494,8 @@ def test_cli_exports_a_random_weights_model_with_a_warning(tmp_path, capsys):
                              "--out", str(out), "--name", "sq")
     assert code == 0, err
     assert "RANDOM" in err and "error" not in err
-    assert sorted(os.listdir(out)) == ["sq.onnx"]
-    assert f"wrote {out / 'sq.onnx'}" in stdout
+    assert sorted(os.listdir(out)) == ["sq.head.onnx", "sq.onnx"]
+    assert f"wrote {out / 'sq.onnx'}" in stdout and f"wrote {out / 'sq.head.onnx'}" in stdout
     model = onnx.load(str(out / "sq.onnx"))
     card = ModelCard.from_metadata({p.key: p.value for p in model.metadata_props})
     assert card.architecture == "squeezenet1_1"

@@ -15,6 +15,7 @@ from camserve.server.app import ServerConfig, start
 
 pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam import (  # noqa: E402
+    AblationCAM,
     EigenCAM,
     EigenGradCAM,
     GradCAM,
@@ -44,8 +45,9 @@ def resnet():
 @pytest.fixture(scope="module")
 def served(resnet, tmp_path_factory):
     folder = tmp_path_factory.mktemp("resnet")
-    export_explainer(resnet, folder / "resnet18.onnx", input_size=SIZE,
-                     target_layers=["layer3", "layer4"], architecture="resnet18")
+    result = export_explainer(resnet, folder / "resnet18.onnx", input_size=SIZE,
+                              target_layers=["layer3", "layer4"], architecture="resnet18")
+    assert result.head_layers == ("layer3", "layer4")  # the default export writes the head
     running = start(ServerConfig(models=folder, port=0, device="cpu"))
     with Client(f"127.0.0.1:{running.port}", timeout=60) as client:
         yield client
@@ -91,6 +93,16 @@ def test_scorecam_equals_grad_cam(served, resnet, image):
     with ScoreCAM(model=resnet, target_layers=[resnet.layer4]) as explainer:
         explainer.batch_size = 64
         expected = explainer(input_tensor=image, targets=[ClassifierOutputTarget(7)])[0]
+    assert np.abs(got - expected).max() <= 1e-2
+
+
+def test_ablationcam_equals_grad_cam(served, resnet, image):
+    got = served.explain(tensor=image.numpy(), targets=[7], method="ablationcam",
+                         layers=["layer4"])[0].cam_input
+    with AblationCAM(model=resnet, target_layers=[resnet.layer4]) as explainer:
+        explainer.batch_size = 64
+        expected = explainer(input_tensor=image, targets=[ClassifierOutputTarget(7)])[0]
+    assert got.shape == expected.shape == (SIZE, SIZE)
     assert np.abs(got - expected).max() <= 1e-2
 
 
