@@ -401,7 +401,8 @@ class ExplainerService(pb_grpc.ExplainerServicer):
                 std=p.std, scale=p.scale, channel_order=p.channel_order,
                 interpolation=p.interpolation, grayscale=p.grayscale),
             layers=[pb.LayerInfo(name=layer.name, shape=layer.shape) for layer in card.layers],
-            methods=cam.method_names() + (list(attributions.METHODS) if model.saliency else []),
+            methods=[m for m in cam.method_names() if m != "ablationcam" or model.head]
+            + (list(attributions.METHODS) if model.saliency else []),
             contract_version=card.contract_version,
             execution_provider=model.provider, camserve_version=card.camserve_version)
 

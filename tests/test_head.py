@@ -296,3 +296,22 @@ def test_ablationcam_runs_the_head_in_batches():
                                rtol=1e-3)
     with pytest.raises(cam.MethodError, match="head"):
         cam.ablationcam(activations, cam.Forward(forward.image, forward.classes, None))
+
+
+def test_get_model_lists_ablationcam_only_with_a_head(server):
+    from camserve.client import Client
+
+    with Client(f"127.0.0.1:{server.port}") as client:
+        methods = client.get_model("tiny").methods
+    assert "gradcam" in methods and "scorecam" in methods
+    assert "ablationcam" in methods  # the tests' models are exported with their head
+
+
+def test_model_without_a_head_does_not_offer_ablationcam(models_dir, tmp_path):
+    from camserve.server.models import load_models
+    from camserve.server.service import ExplainerService
+
+    (tmp_path / "tiny.onnx").write_bytes((models_dir / "tiny.onnx").read_bytes())
+    models = load_models(tmp_path, device="cpu")
+    methods = ExplainerService(models).model_info(models["tiny"]).methods
+    assert "ablationcam" not in methods and "gradcam" in methods
