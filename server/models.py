@@ -276,10 +276,33 @@ def load_model(path: Path, device: str = "auto", threads: int | None = None) -> 
 
 
 def _read(path: Path) -> onnx.ModelProto:
+    """The model's protobuf, without its external data, after checking that every external
+    data file it names lies inside its own folder (no ``../`` or absolute paths)."""
     try:
-        return onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, onnx raises various kinds
         raise ContractError(f"{path.name}: not an ONNX model ({type(exc).__name__})") from exc
+    folder = path.parent.resolve()
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+            raise ContractError(f"{path.name}: weight {tensor.name!r} points at external data "
+                                f"{location!r} outside the models folder; refused")
+    return model
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every tensor stored in a graph: initializers and Constant values, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+            elif attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _tensors(attribute.g)
 
 
 def _companion_owner(model: onnx.ModelProto) -> tuple[str, str] | None:

@@ -27,6 +27,7 @@ from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
 
 log = logging.getLogger("camserve.server")
+access_log = logging.getLogger("camserve.access")  # one logfmt line per Explain call
 
 _FUSION = {pb.LAYER_FUSION_UNSPECIFIED: "mean", pb.MEAN: "mean", pb.SUM: "sum", pb.MAX: "max"}
 
@@ -87,6 +88,7 @@ class ExplainerService(pb_grpc.ExplainerServicer):
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext):
         self.metrics.in_flight.inc()
         code = grpc.StatusCode.OK
+        started = time.perf_counter()
         try:
             return self._measured(self.explain(request, context.is_active))
         except Exception as exc:  # noqa: BLE001 -- every failure becomes a status
@@ -95,6 +97,10 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         finally:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels("Explain", code.name).inc()
+            access_log.info("rpc=Explain request_id=%s model=%s method=%s code=%s ms=%.1f",
+                            request.request_id or "-", request.model or self.default,
+                            request.method or "gradcam", code.name,
+                            (time.perf_counter() - started) * 1e3)
 
     def ExplainStream(self, requests: Iterator[pb.ExplainRequest],
                       context: grpc.ServicerContext):

@@ -353,3 +353,28 @@ def test_committed_stubs_are_fresh(tmp_path):
         assert filecmp.cmp(tmp_path / "camserve/v1" / name,
                            ROOT / "protos/camserve/v1" / name, shallow=False), \
             f"protos/camserve/v1/{name} is stale: run 'make proto'"
+
+
+def test_models_whose_external_data_leaves_the_folder_are_refused(tmp_path, models_dir,
+                                                                   caplog):
+    (tmp_path / "tiny.onnx").write_bytes((models_dir / "tiny.onnx").read_bytes())
+    sneaky = onnx.load(str(models_dir / "tiny.onnx"))
+    weight = max(sneaky.graph.initializer, key=lambda t: len(t.raw_data))
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value="../outside.bin")
+    onnx.save(sneaky, str(tmp_path / "sneaky.onnx"))
+    with caplog.at_level(logging.ERROR, logger="camserve.server"):
+        models = load_models(tmp_path, device="cpu")
+    assert list(models) == ["tiny"]
+    assert "outside the models folder" in caplog.text
+
+
+def test_each_explain_call_leaves_one_access_log_line(stub, photo, caplog):
+    with caplog.at_level(logging.INFO, logger="camserve.access"):
+        stub.Explain(pb.ExplainRequest(pixels=raw(photo), request_id="abc-1"))
+        with pytest.raises(grpc.RpcError):
+            stub.Explain(pb.ExplainRequest(encoded=b"junk", request_id="abc-2"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "camserve.access"]
+    assert any("request_id=abc-1" in line and "code=OK" in line for line in lines)
+    assert any("request_id=abc-2" in line and "code=INVALID_ARGUMENT" in line for line in lines)
