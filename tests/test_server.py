@@ -241,7 +241,11 @@ def _bad_requests(photo):
             dtype=pb.FLOAT32, shape=[1, 3, 64, 64], data=b"\0" * 100)), "INVALID_ARGUMENT"),
         "tensor nan": (pb.ExplainRequest(tensor=tensors.to_proto(
             np.full((1, 3, 64, 64), np.nan, np.float32))), "INVALID_ARGUMENT"),
+        "tensor inf": (pb.ExplainRequest(tensor=tensors.to_proto(
+            np.full((1, 3, 64, 64), np.inf, np.float32))), "INVALID_ARGUMENT"),
         "class range": (pb.ExplainRequest(pixels=good, classes=[10]), "INVALID_ARGUMENT"),
+        "huge class": (pb.ExplainRequest(pixels=good, classes=[10**9]), "INVALID_ARGUMENT"),
+        "class -5000": (pb.ExplainRequest(pixels=good, classes=[-5000]), "INVALID_ARGUMENT"),
         "negative class": (pb.ExplainRequest(pixels=good, classes=[-1]), "INVALID_ARGUMENT"),
         "top_k": (pb.ExplainRequest(pixels=good, top_k=11), "INVALID_ARGUMENT"),
         "method": (pb.ExplainRequest(pixels=good, method="magic"), "INVALID_ARGUMENT"),
