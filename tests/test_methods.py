@@ -149,3 +149,24 @@ def test_raw_maps_keep_the_methods_units(served, image):
     normalized = served.explain(tensor=image.numpy(), targets=[5], layers=["layer4"])[0].cam_input
     assert raw.max() > 0 and not np.isclose(raw.max(), 1.0)
     np.testing.assert_allclose(cam.normalize_maps(raw[None])[0], normalized, atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def lite0_served(lite0_dir):
+    running = start(ServerConfig(models=lite0_dir, port=0, device="cpu"))
+    with Client(f"127.0.0.1:{running.port}", timeout=60) as client:
+        yield client
+    running.stop(grace=0)
+
+
+def test_pretrained_lite0_maps_equal_grad_cam(lite0_served):
+    from camserve.export.models import load
+
+    model = load("efficientnet_lite0").module
+    torch.manual_seed(5)
+    image = torch.randn(1, 3, 224, 224)
+    for method in REFERENCE:
+        got = lite0_served.explain(tensor=image.numpy(), targets=[285],
+                                   method=method)[0].cam_input
+        expected = reference_map(model, method, [model._bn1], image, 285)
+        assert np.abs(got - expected).max() <= 1e-3, method
