@@ -248,20 +248,11 @@ class Server:
             raise
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + SERVER_START_S
         with Client(self.address, timeout=2) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"the server exited ({self.process.returncode}): "
-                                       f"{self.log.read_text()[-2000:]}")
-                try:
-                    if client.health() == "SERVING":
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        raise RuntimeError(f"the server was not healthy after {SERVER_START_S:.0f} s: "
-                           f"{self.log.read_text()[-2000:]}")
+            if client.wait_until_serving(SERVER_START_S, lambda: self.process.poll() is None):
+                return
+        raise RuntimeError(f"the server did not become healthy (exit code "
+                           f"{self.process.poll()}): {self.log.read_text()[-2000:]}")
 
     def rss_mib(self) -> float:
         return psutil.Process(self.process.pid).memory_info().rss / 2**20

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import grpc
@@ -155,6 +156,20 @@ class Client:
             "/grpc.health.v1.Health/Check",
             request_serializer=_encode_health_request, response_deserializer=_decode_health)
         return check(service, timeout=self.timeout, metadata=self.metadata)
+
+    def wait_until_serving(self, timeout: float = 60.0,
+                           starting: Callable[[], bool] = lambda: True) -> bool:
+        """Poll health until the server reports SERVING (True), ``timeout`` seconds pass, or
+        ``starting()`` says the server is gone (False); e.g. after launching a server."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and starting():
+            try:
+                if self.health() == "SERVING":
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        return False
 
     # --- building requests ----------------------------------------------------------------
     @staticmethod

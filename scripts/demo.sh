@@ -13,24 +13,20 @@ $PY -m camserve serve --models "$MODELS" --port "$PORT" --device auto > "$OUT/se
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 $PY - "$PORT" "$SERVER" "$OUT/server.log" <<'PYEOF'
-import os, sys, time
-import grpc
+import os, sys
 from camserve.client import Client
-deadline = time.monotonic() + 180
+
+def running():
+    try:
+        os.kill(int(sys.argv[2]), 0)
+        return True
+    except OSError:
+        return False
+
 with Client(f"127.0.0.1:{sys.argv[1]}", timeout=2) as client:
-    while True:
-        try:
-            if client.health() == "SERVING":
-                break
-        except grpc.RpcError:
-            pass
-        try:
-            os.kill(int(sys.argv[2]), 0)
-        except OSError:
-            sys.exit("the server stopped: " + open(sys.argv[3]).read().strip().splitlines()[-1])
-        if time.monotonic() > deadline:
-            sys.exit("the server did not become healthy in 180 s; see the server log")
-        time.sleep(0.5)
+    if not client.wait_until_serving(180, running):
+        log = open(sys.argv[3]).read().strip().splitlines()
+        sys.exit("the server did not come up: " + (log[-1] if log else "see its log"))
     info = client.get_model()
     print(f"server up: model {info.name} ({info.architecture}, layer "
           f"{info.layers[0].name}) on {info.execution_provider}")

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from camserve.contract import IMAGE, LOGITS, TARGETS
     from camserve.geometry import to_original
     from camserve.server import evaluation as ev
+    from camserve.server.attributions import black_baseline
     from camserve.server.cam import Forward, cam_maps, check_method
     from camserve.server.models import load_model
     from camserve.server.preprocess import decode, preprocess
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     layers = [layer.name for layer in card.layers]
     finest = max((layer.shape[1:] for layer in card.layers), key=lambda hw: hw[0] * hw[1])
     random_sigma = ev.layer_cell_sigma(spec.crop, finest)
-    black = ev.black(spec, spec.crop)
+    black = black_baseline(spec)[0]
     steps = args.steps
 
     def logits_of(batch: np.ndarray) -> np.ndarray:

@@ -48,7 +48,6 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from camserve.contract import Preprocessing
 
 Box = tuple[float, float, float, float]
 
@@ -65,12 +64,6 @@ def mean_colour(image: np.ndarray) -> np.ndarray:
     """The deletion substrate for ``image`` [3,H,W]: zeros [3,H,W] float32, which is the
     normalisation's mean colour in preprocessed space."""
     return np.zeros_like(image, dtype=np.float32)
-
-
-def black(spec: Preprocessing, shape: tuple[int, int]) -> np.ndarray:
-    """A black photo (all pixels 0) in preprocessed space: [3,H,W] float32 = -mean/std."""
-    value = -np.asarray(spec.mean, np.float32) / np.asarray(spec.std, np.float32)
-    return np.broadcast_to(value[:, None, None], (3, *shape)).astype(np.float32)
 
 
 def blurred(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -93,8 +86,8 @@ def insertion_start(image: np.ndarray, fraction: float = INSERTION_BLUR) -> np.n
 
 def masked_image(image: np.ndarray, cam: np.ndarray, substrate: np.ndarray) -> np.ndarray:
     """``image`` [3,H,W] soft-masked by ``cam`` [H,W] in [0,1]: substrate + cam * (image -
-    substrate) -> [3,H,W]. With ``substrate = black(spec, (H, W))`` this is the photo times
-    the map, normalised (Grad-CAM++'s explanation map E = I * L)."""
+    substrate) -> [3,H,W]. With ``substrate = attributions.black_baseline(spec)[0]`` this is
+    the photo times the map, normalised (Grad-CAM++'s explanation map E = I * L)."""
     return (substrate + cam[None] * (image - substrate)).astype(np.float32)
 
 

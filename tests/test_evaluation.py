@@ -13,6 +13,7 @@ import pytest
 from camserve.cli import main
 from camserve.contract import Preprocessing
 from camserve.server import evaluation as ev
+from camserve.server.attributions import black_baseline
 
 from conftest import SAMPLES
 
@@ -102,10 +103,10 @@ def test_masked_image_is_the_photo_times_the_map_normalised():
     rng = np.random.default_rng(2)
     photo = rng.uniform(0, 255, (16, 16, 3)).astype(np.float32)
     cam = rng.random((16, 16)).astype(np.float32)
-    masked = ev.masked_image(_normalise(photo, spec), cam, ev.black(spec, (16, 16)))
+    masked = ev.masked_image(_normalise(photo, spec), cam, black_baseline(spec, (16, 16))[0])
     np.testing.assert_allclose(masked, _normalise(photo * cam[..., None], spec), atol=1e-5)
-    np.testing.assert_allclose(ev.black(spec, (16, 16)), _normalise(np.zeros_like(photo), spec),
-                               atol=1e-6)
+    np.testing.assert_allclose(black_baseline(spec, (16, 16))[0],
+                               _normalise(np.zeros_like(photo), spec), atol=1e-6)
 
 
 def test_average_drop_and_increase():

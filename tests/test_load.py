@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -34,16 +33,8 @@ def server_process(models_dir):
         [sys.executable, "-m", "camserve", "serve", "--models", str(models_dir), "--port",
          str(port), "--device", "cpu", "--intra-op-threads", "1", "--default-model", "tiny"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
-    deadline = time.monotonic() + 60
     with Client(f"127.0.0.1:{port}", timeout=1) as client:
-        while True:
-            try:
-                if client.health() == "SERVING":
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+        assert client.wait_until_serving(60, lambda: process.poll() is None), "no server"
     yield port, psutil.Process(process.pid)
     process.terminate()
     process.wait(timeout=30)
