@@ -57,7 +57,6 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from camserve.contract import IMAGE, LOGITS, TARGETS
     from camserve.geometry import to_original
     from camserve.server import evaluation as ev
     from camserve.server.attributions import black_baseline
@@ -99,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
         out = []
         for start in range(0, len(batch), MAX_BATCH):
             chunk = np.ascontiguousarray(batch[start:start + MAX_BATCH], dtype=np.float32)
-            targets = np.full((len(chunk), 1), -1, dtype=np.int64)
-            out.append(model.session.run([LOGITS], {IMAGE: chunk, TARGETS: targets})[0])
+            out.append(model.logits(chunk))
         return np.concatenate(out)
 
     def probabilities(batch: np.ndarray, class_index: int) -> np.ndarray:

@@ -79,6 +79,13 @@ class ExplainerModel:
                      for i, layer in enumerate(chosen)}
         return outputs[0], outputs[1], per_layer
 
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """logits [S,N] of a batch float32 [S,3,H,W]; onnxruntime computes only what the
+        logits need (no gradients)."""
+        targets = np.full((len(batch), 1), -1, np.int64)
+        return self.session.run([contract.LOGITS], {contract.IMAGE: batch,
+                                                    contract.TARGETS: targets})[0]
+
     def input_gradients(self, images: np.ndarray, targets: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """images float32 [S,3,H,W], targets int64 [S,K] (as for ``run``) -> (logits [S,N],

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import grpc
 import numpy as np
 
-from camserve import contract, tensors
+from camserve import tensors
 from camserve.errors import CamserveError, DeadlineError, LimitError, NotFoundError
 from camserve.geometry import Geometry, to_original
 from camserve.server import attributions, cam, preprocess
@@ -428,19 +428,12 @@ class ExplainerService(pb_grpc.ExplainerServicer):
             log.info("request %r refused (%s): %s", request_id, code.name, exc)
 
 
-def _logits(model: ExplainerModel, batch: np.ndarray) -> np.ndarray:
-    """logits [S,N] of a batch [S,3,H,W]; onnxruntime computes only what logits need."""
-    targets = np.full((len(batch), 1), -1, np.int64)
-    return model.session.run([contract.LOGITS], {contract.IMAGE: batch,
-                                                 contract.TARGETS: targets})[0]
-
-
 def _forwards(model: ExplainerModel, image: np.ndarray, classes: np.ndarray,
               layers: list[str]) -> list[cam.Forward]:
     """One ``cam.Forward`` per layer, for the methods that run the network again: the
     explainer's logits of a batch, and the layer's head (``ablationcam``; a model without
     one answers with a MissingCompanionError saying what to do)."""
-    return [cam.Forward(image, classes, lambda batch: _logits(model, batch),
+    return [cam.Forward(image, classes, model.logits,
                         head_logits_of=functools.partial(model.head_logits, layer))
             for layer in layers]
 
