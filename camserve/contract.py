@@ -86,6 +86,10 @@ KEY_COMPANION = "camserve.companion_of"
 SALIENCY = "saliency"  # the kind of companion holding ``input_gradients``
 HEAD = "head"  # the kind of companion holding the heads (activations -> logits)
 COMPANION_KINDS = (SALIENCY, HEAD)
+# In a Triton model repository (``camserve export --triton-repo``) the card travels as the
+# config.pbtxt ``parameters`` (one per metadata key), plus the file's SHA-256 (first 12 hex
+# digits) under this key: the model version a client reports, as ``camserve serve`` does.
+KEY_SHA256 = "camserve.sha256"
 
 
 class ContractError(CamserveError):

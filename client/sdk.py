@@ -94,7 +94,8 @@ class Client:
                 method: str = "gradcam", layers: Sequence[str] = (), fusion: str = "mean",
                 noise_samples: int = 0, noise_sigma: float = 0.15, flip: bool = False,
                 seed: int = 0, normalize: bool = True, ig_steps: int = 0,
-                ig_baseline: str = "black", request_id: str = "") -> list[Explanation]:
+                ig_baseline: str = "black", request_id: str = "",
+                space: str = "model_input") -> list[Explanation]:
         """Explain one image; one Explanation per target (explicit ``targets`` first, then the
         ``top_k`` best classes; with neither, the predicted class).
 
@@ -103,7 +104,9 @@ class Client:
         ``fusion`` ("mean", "sum", "max") pick and combine the model's layers.
         ``noise_samples``/``noise_sigma`` average the map over noisy copies, ``flip`` also
         over mirrored ones (one batched graph run, ``seed`` fixes the noise).
-        ``normalize=False`` returns the ReLU'd maps unscaled. Input-space methods
+        ``normalize=False`` returns the ReLU'd maps unscaled. ``space="feature_map"`` has
+        the server send the maps at the layer's resolution (a few hundred bytes in float16),
+        upsampled to the crop here. Input-space methods
         ("saliency", "smoothgrad", "integrated_gradients" with ``ig_steps`` and
         ``ig_baseline`` "black" or "zero", "guided_gradcam") need a model exported with
         ``--input-gradients``.
@@ -112,7 +115,7 @@ class Client:
                                method=method, layers=layers, fusion=fusion,
                                noise_samples=noise_samples, noise_sigma=noise_sigma, flip=flip,
                                seed=seed, normalize=normalize, ig_steps=ig_steps,
-                               ig_baseline=ig_baseline, request_id=request_id)
+                               ig_baseline=ig_baseline, request_id=request_id, space=space)
         response = self._stub.Explain(request, timeout=self.timeout, metadata=self.metadata)
         return explanations(response)
 

@@ -28,6 +28,12 @@ def add_parser(subparsers) -> None:
                         "with respect to the input image (for saliency, SmoothGrad, "
                         "Integrated Gradients)")
     p.add_argument("--out", type=Path, default=Path("models"), help="output folder")
+    p.add_argument("--triton-repo", type=Path, metavar="DIR",
+                   help="also add the explainer to this NVIDIA Triton model repository: "
+                        "DIR/NAME/1/model.onnx and DIR/NAME/config.pbtxt (onnxruntime "
+                        "backend, dynamic batching, the model card as parameters)")
+    p.add_argument("--triton-max-batch-size", type=int, default=8, metavar="N",
+                   help="max_batch_size of the Triton model (default 8)")
     p.set_defaults(run=run)
 
 
@@ -69,6 +75,14 @@ def run(args: argparse.Namespace) -> int:
     if result.head is not None:
         print(f"wrote {result.head} ({result.head.stat().st_size / 1e6:.1f} MB): the heads "
               f"(activations -> logits, for ablationcam) of {', '.join(result.head_layers)}")
+    if args.triton_repo is not None:
+        from camserve.export.triton import write_triton_model
+
+        entry = write_triton_model(result.path, args.triton_repo,
+                                   max_batch_size=args.triton_max_batch_size)
+        print(f"wrote {entry.model} and {entry.config}: Triton model {entry.name!r} "
+              f"(onnxruntime backend, dynamic batching up to {args.triton_max_batch_size}); "
+              "explain through it with camserve.client.triton.TritonClient")
     left_out = [layer.name for layer in result.card.layers
                 if layer.name not in result.head_layers]
     if left_out:

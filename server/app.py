@@ -35,7 +35,8 @@ from camserve.server.security import (
     refusal,
     server_credentials,
 )
-from camserve.server.service import ExplainerService, Limits
+from camserve.server.pipeline import Limits
+from camserve.server.service import ExplainerService
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
 

@@ -7,57 +7,23 @@ crash or UNKNOWN.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import grpc
-import numpy as np
 
-from camserve import tensors
 from camserve.errors import CamserveError, DeadlineError, LimitError, NotFoundError
-from camserve.geometry import Geometry, to_original
-from camserve.server import attributions, cam, preprocess
+from camserve.server import attributions, cam
 from camserve.server.batching import Batcher
 from camserve.server.metrics import Metrics
 from camserve.server.models import ExplainerModel
+from camserve.server.pipeline import Limits, Pipeline
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
 
 log = logging.getLogger("camserve.server")
 access_log = logging.getLogger("camserve.access")  # one logfmt line per Explain call
-
-_FUSION = {pb.LAYER_FUSION_UNSPECIFIED: "mean", pb.MEAN: "mean", pb.SUM: "sum", pb.MAX: "max"}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request limits (RESOURCE_EXHAUSTED beyond them)."""
-
-    max_targets: int = 64
-    max_samples: int = 128  # smoothing copies per request
-    max_pixels: int = preprocess.DEFAULT_MAX_PIXELS  # decoded image size, checked first
-
-
-@dataclass
-class _Job:
-    """A validated request, ready for the graph: model input [1,3,H,W], targets [K]."""
-
-    image: np.ndarray
-    geometry: Geometry
-    targets: np.ndarray
-    method: str
-    fusion: str
-    layers: list[str]
-    space: int
-    dtype: int
-    samples: int
-    started: int  # perf_counter_ns stamps
-    decoded: int
-    prepared: int
-    inferred: int = 0
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -76,11 +42,11 @@ class ExplainerService(pb_grpc.ExplainerServicer):
     """Serves the loaded models; ``default`` answers requests that name none."""
 
     def __init__(self, models: dict[str, ExplainerModel], default: str | None = None,
-                 limits: Limits = Limits(), batchers: dict[str, Batcher] | None = None,
+                 limits: Limits | None = None, batchers: dict[str, Batcher] | None = None,
                  metrics: Metrics | None = None) -> None:
         self.models = models
         self.default = default or sorted(models)[0]
-        self.limits = limits
+        self.pipeline = Pipeline(limits or Limits())
         self.batchers = batchers or {}  # model name -> its dynamic batcher, when batching
         self.metrics = metrics or Metrics()
 
@@ -181,7 +147,7 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         if batcher is not None:
             batcher.expect()  # a batch may wait for this request while it decodes
         try:
-            job = self._prepare(request, model)
+            job = self.pipeline.prepare(request, model)
             if not alive():
                 raise DeadlineError("the caller gave up before the model ran")
         except BaseException:
@@ -193,208 +159,7 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         else:
             outputs = model.run(job.image, job.targets[None, :], job.layers)
         job.inferred = time.perf_counter_ns()
-        return self._respond(request, model, job, outputs)
-
-    def _prepare(self, request: pb.ExplainRequest, model: ExplainerModel) -> "_Job":
-        """Validate the request and build the model input; nothing runs the graph yet."""
-        card = model.card
-        started = time.perf_counter_ns()
-        rgb = self._decode(request)
-        decoded = time.perf_counter_ns()
-        if rgb is None:
-            image = self._tensor(request.tensor, model)
-            geometry = Geometry.identity(*model.input_size)
-        else:
-            image, geometry = preprocess.preprocess(rgb, card.preprocessing)
-        targets = self._targets(request, model)
-        method = request.method or "gradcam"
-        input_space = method in attributions.METHODS
-        if input_space and model.saliency is None:
-            raise CamserveError(f"method {method!r} needs model {model.name!r} exported with "
-                                "--input-gradients (its .saliency.onnx companion)")
-        if not input_space:
-            cam.check_method(method)
-        fusion = _FUSION.get(request.fusion)
-        if fusion is None:
-            raise CamserveError(f"unknown layer fusion value {request.fusion}")
-        layers = list(request.layers) or [layer.name for layer in card.layers]
-        for name in layers:
-            try:
-                card.layer(name)
-            except KeyError as exc:
-                raise CamserveError(exc.args[0]) from None
-        space = request.output.space or pb.MODEL_INPUT
-        if space not in pb.CamSpace.values():
-            raise CamserveError(f"unknown map space value {space}")
-        dtype = request.output.dtype or pb.FLOAT32
-        if dtype not in (pb.FLOAT32, pb.FLOAT16, pb.UINT8):
-            raise CamserveError("a map's dtype can be FLOAT32, FLOAT16 or UINT8")
-        if request.raw_maps and dtype == pb.UINT8:
-            raise CamserveError("raw_maps are not in [0, 1]: ask for FLOAT32 or FLOAT16")
-        if input_space:
-            self._check_attribution_size(request, method, len(targets))
-            samples = 0
-        else:
-            samples = self._samples(request.smoothing)
-        return _Job(image, geometry, targets, method, fusion, layers, space, dtype, samples,
-                    started, decoded, time.perf_counter_ns())
-
-    def _respond(self, request: pb.ExplainRequest, model: ExplainerModel, job: "_Job",
-                 outputs: tuple) -> pb.ExplainResponse:
-        """Maps from the graph's outputs, and the response message."""
-        logits, classes, per_layer = outputs
-        size = None if job.space == pb.FEATURE_MAP else model.input_size  # input-space: H,W
-        normalize = not request.raw_maps
-        if job.method in attributions.METHODS:
-            maps = self._input_space_maps(request, model, job, classes[0], per_layer)
-        elif job.samples:
-            maps = self._smoothed(model, job.image, classes, job.layers, request.smoothing,
-                                  (job.method, size, job.fusion, normalize))
-        else:
-            forward = _forwards(model, job.image, classes[0], list(per_layer))
-            maps = cam.cam_maps(job.method, [(a[0], g[0]) for a, g in per_layer.values()],
-                                size, job.fusion, normalize, forward)
-        if job.space == pb.ORIGINAL_IMAGE:
-            maps = np.stack([to_original(m, job.geometry) for m in maps])
-        probabilities = _softmax(logits[0])
-        labels = model.card.labels
-        response = pb.ExplainResponse(
-            request_id=request.request_id, model=model.name, model_version=model.version,
-            method=job.method, layers=job.layers, geometry=_geometry(job.geometry))
-        for k, class_index in enumerate(classes[0]):
-            response.targets.add(class_index=int(class_index), label=labels[class_index],
-                                 logit=float(logits[0, class_index]),
-                                 probability=float(probabilities[class_index]),
-                                 cam=_encode_map(maps[k], job.dtype))
-        options = request.output
-        if options.include_logits:
-            response.raw.logits.CopyFrom(tensors.to_proto(logits))
-        for name, (activations, gradients) in per_layer.items():
-            if options.include_activations:
-                response.raw.activations[name].CopyFrom(tensors.to_proto(activations))
-            if options.include_gradients:
-                response.raw.gradients[name].CopyFrom(tensors.to_proto(gradients))
-        finished = time.perf_counter_ns()
-        response.timings.CopyFrom(pb.Timings(
-            decode_us=(job.decoded - job.started) // 1000,
-            preprocess_us=(job.prepared - job.decoded) // 1000,
-            inference_us=(job.inferred - job.prepared) // 1000,
-            postprocess_us=(finished - job.inferred) // 1000))
-        return response
-
-    def _check_attribution_size(self, request: pb.ExplainRequest, method: str,
-                                targets: int) -> None:
-        """Input-space methods run images x targets gradients of the whole input at once."""
-        steps = request.integrated_gradients.steps or attributions.IG_STEPS
-        samples = request.smoothing.noise_samples or attributions.SMOOTHGRAD_SAMPLES
-        if method == "smoothgrad" and request.smoothing.noise_sigma < 0:
-            raise CamserveError("noise_sigma must be > 0")
-        if method == "integrated_gradients" and not 2 <= steps <= 1024:
-            raise CamserveError(f"integrated_gradients steps must be in 2..1024, got {steps}")
-        images = max(1, attributions.batch_size(method, samples, steps))
-        if images * targets > self.limits.max_samples * 2:
-            raise LimitError(f"{method} would run {images} images x {targets} targets; the "
-                             f"limit is {self.limits.max_samples * 2} image-targets")
-
-    def _input_space_maps(self, request: pb.ExplainRequest, model: ExplainerModel, job: "_Job",
-                          classes: np.ndarray, per_layer: dict) -> np.ndarray:
-        """Maps [K,H,W] at the model input from the saliency companion (one run)."""
-        image, method = job.image, job.method
-        if method == "smoothgrad":
-            smoothing = request.smoothing
-            return attributions.smoothgrad(
-                image, classes, model.gradients_of,
-                smoothing.noise_samples or attributions.SMOOTHGRAD_SAMPLES,
-                smoothing.noise_sigma or attributions.SMOOTHGRAD_SIGMA,
-                np.random.default_rng(smoothing.seed or None))
-        if method == "integrated_gradients":
-            options = request.integrated_gradients
-            baseline = (attributions.zero_baseline(image)
-                        if options.baseline == pb.IntegratedGradients.ZERO
-                        else attributions.black_baseline(model.card.preprocessing))
-            return attributions.integrated_gradients(
-                image, classes, model.gradients_of, baseline,
-                options.steps or attributions.IG_STEPS).maps
-        gradients = attributions.saliency(image, classes, model.gradients_of)
-        if method == "saliency":
-            return gradients
-        grad_cam = cam.cam_maps("gradcam", [(a[0], g[0]) for a, g in per_layer.values()], None,
-                                job.fusion)
-        return attributions.guided_gradcam(gradients, grad_cam)
-
-    def _samples(self, smoothing: pb.Smoothing) -> int:
-        """How many perturbed copies a smoothing request runs (0: no smoothing)."""
-        n = smoothing.noise_samples
-        if not (n or smoothing.horizontal_flip):
-            return 0
-        if n and not (0 < smoothing.noise_sigma <= 10):
-            raise CamserveError(f"noise_sigma must be in (0, 10], got {smoothing.noise_sigma}")
-        total = max(n, 1) * (2 if smoothing.horizontal_flip else 1)
-        if total > self.limits.max_samples:
-            raise LimitError(f"smoothing asks for {total} copies; the limit is "
-                             f"{self.limits.max_samples}")
-        return total
-
-    @staticmethod
-    def _smoothed(model: ExplainerModel, image: np.ndarray, classes: np.ndarray,
-                  layers: list[str], smoothing: pb.Smoothing, how: tuple) -> np.ndarray:
-        """Maps [K,H,W] averaged over perturbed copies, all run through the graph at once."""
-        method, size, fusion, normalize = how
-        rng = np.random.default_rng(smoothing.seed or None)
-        batch, mirrored = cam.perturbed_batch(image, smoothing.noise_samples,
-                                              smoothing.noise_sigma, smoothing.horizontal_flip,
-                                              rng)
-        targets = np.repeat(classes, len(batch), axis=0)  # the clean image's classes
-        _, _, per_layer = model.run(batch, targets, layers)
-        maps = np.stack([
-            cam.cam_maps(method, [(a[s], g[s]) for a, g in per_layer.values()], size, fusion,
-                         normalize, _forwards(model, batch[s:s + 1], classes[0],
-                                              list(per_layer)))
-            for s in range(len(batch))])
-        return cam.average_maps(maps, mirrored, normalize)
-
-    def _decode(self, request: pb.ExplainRequest) -> np.ndarray | None:
-        """The request's photo as uint8 RGB [H,W,3], or None for a preprocessed tensor."""
-        kind = request.WhichOneof("image")
-        if kind == "encoded":
-            return preprocess.decode(request.encoded, self.limits.max_pixels)
-        if kind == "pixels":
-            p = request.pixels
-            return preprocess.from_pixels(p.height, p.width, p.pixels, self.limits.max_pixels)
-        if kind == "tensor":
-            return None
-        raise CamserveError("the request has no image: set encoded, pixels or tensor")
-
-    def _tensor(self, message: pb.Tensor, model: ExplainerModel) -> np.ndarray:
-        height, width = model.input_size
-        if message.dtype != pb.FLOAT32:
-            raise CamserveError(f"a preprocessed tensor must be FLOAT32, got "
-                                f"{tensors.dtype_name(message.dtype)}")
-        expected = [1, 3, height, width]
-        if list(message.shape) != expected:
-            raise CamserveError(f"a preprocessed tensor for model {model.name!r} must have "
-                                f"shape {expected}, got {list(message.shape)}")
-        array = tensors.from_proto(message)
-        if not np.isfinite(array).all():
-            raise CamserveError("the preprocessed tensor holds NaN or Inf values")
-        return array
-
-    def _targets(self, request: pb.ExplainRequest, model: ExplainerModel) -> np.ndarray:
-        """The graph's ``targets`` row: explicit classes, then -1..-top_k."""
-        n = model.num_classes
-        bad = [c for c in request.classes if not 0 <= c < n]
-        if bad:
-            raise CamserveError(f"class index {bad[0]} is out of range: model {model.name!r} "
-                                f"has classes 0..{n - 1}")
-        top_k = request.top_k or (0 if request.classes else 1)
-        if top_k > n:
-            raise CamserveError(f"top_k {top_k} is larger than the {n} classes of the model")
-        count = len(request.classes) + top_k
-        if count > self.limits.max_targets:
-            raise LimitError(f"{count} targets requested; the limit is "
-                             f"{self.limits.max_targets} per image")
-        ranks = -np.arange(1, top_k + 1, dtype=np.int64)
-        return np.concatenate([np.asarray(request.classes, np.int64), ranks])
+        return self.pipeline.respond(request, model, job, outputs)
 
     def model_info(self, model: ExplainerModel) -> pb.ModelInfo:
         card = model.card
@@ -426,31 +191,3 @@ class ExplainerService(pb_grpc.ExplainerServicer):
             log.exception("request %r failed", request_id, exc_info=exc)
         else:
             log.info("request %r refused (%s): %s", request_id, code.name, exc)
-
-
-def _forwards(model: ExplainerModel, image: np.ndarray, classes: np.ndarray,
-              layers: list[str]) -> list[cam.Forward]:
-    """One ``cam.Forward`` per layer, for the methods that run the network again: the
-    explainer's logits of a batch, and the layer's head (``ablationcam``; a model without
-    one answers with a MissingCompanionError saying what to do)."""
-    return [cam.Forward(image, classes, model.logits,
-                        head_logits_of=functools.partial(model.head_logits, layer))
-            for layer in layers]
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max())
-    return shifted / shifted.sum()
-
-
-def _geometry(g: Geometry) -> pb.Geometry:
-    x0, y0, x1, y1 = g.crop
-    return pb.Geometry(original_height=g.original[0], original_width=g.original[1],
-                       resized_height=g.resized[0], resized_width=g.resized[1],
-                       crop=pb.Box(x0=x0, y0=y0, x1=x1, y1=y1))
-
-
-def _encode_map(cam_map: np.ndarray, dtype: int) -> pb.Tensor:
-    if dtype == pb.UINT8:
-        return tensors.to_proto(np.rint(np.clip(cam_map, 0, 1) * 255), pb.UINT8)
-    return tensors.to_proto(cam_map, dtype)

@@ -1,0 +1,183 @@
+"""Explanations through an NVIDIA Triton endpoint (KServe v2 gRPC) instead of ``camserve serve``.
+
+Triton runs the explainer graph exactly as exported (``camserve export --triton-repo``); this
+module does the rest in the caller's process with the same code the server runs
+(``camserve.server.pipeline``: decode, preprocess, then NumPy maps): one ``ModelInfer`` with
+``image`` and ``targets`` per explanation, and the model card read from the model's Triton
+configuration (its ``parameters``). So ``TritonClient.explain`` answers what
+``Client.explain`` answers for the same model and options.
+
+Served this way: every gradient CAM method, Score-CAM (its extra forwards are more
+``ModelInfer`` calls), several layers and targets, noise/flip smoothing. Not served: the
+methods that need a companion graph (``ablationcam``, the input-space methods), which the
+Triton entry does not hold.
+
+Needs ``pip install "camserve[triton]"`` (tritonclient's gRPC client); imports neither
+torch, onnx nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import numpy as np
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from camserve import contract
+from camserve.client.explanation import Explanation
+from camserve.client.sdk import DEFAULT_TIMEOUT, Client, explanations
+from camserve.contract import ContractError, ModelCard
+from camserve.errors import CamserveError
+from camserve.server.pipeline import Limits, Pipeline
+
+
+
+class TritonError(RuntimeError):
+    """Triton refused or failed a call; ``status`` is its gRPC status name."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TritonModel:
+    """One explainer model in a Triton server, shaped like the server's ``ExplainerModel``
+    (the ``camserve.server.pipeline.ExplainableModel`` protocol)."""
+
+    saliency = None  # the Triton entry has no companions
+
+    def __init__(self, client: triton.InferenceServerClient, name: str, version: str = "",
+                 timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        self._client = client
+        self._version = version
+        self.timeout = timeout
+        config = _call(client.get_model_config, name, version, client_timeout=timeout).config
+        props = {key: value.string_value for key, value in config.parameters.items()}
+        try:
+            self.card = ModelCard.from_metadata(props)
+        except ContractError as exc:
+            raise CamserveError(f"Triton model {name!r} is not a camserve explainer "
+                                f"(its config.pbtxt parameters lack the model card: {exc}); "
+                                "add it with 'camserve export --triton-repo'") from None
+        self.name = name
+        self.version = props.get(contract.KEY_SHA256) or version or "latest"
+        self.max_batch_size = max(1, config.max_batch_size)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.card.preprocessing.crop
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.card.labels)
+
+    def run(self, image: np.ndarray, targets: np.ndarray,
+            layers: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, tuple]]:
+        """image float32 [B,3,H,W], targets int64 [B,K] -> (logits [B,N], classes [B,K],
+        {layer: (activations [B,C,h,w], gradients [B,K,C,h,w])}), in runs of at most the
+        model's ``max_batch_size`` images."""
+        chosen = [self.card.layer(name) for name in layers]
+        names = [contract.LOGITS, contract.CLASSES]
+        for layer in chosen:
+            names += [layer.activations, layer.gradients]
+        outputs = self._infer(image, targets, names)
+        per_layer = {layer.name: (outputs[2 + 2 * i], outputs[3 + 2 * i])
+                     for i, layer in enumerate(chosen)}
+        return outputs[0], outputs[1], per_layer
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """logits [S,N] of a batch float32 [S,3,H,W] (Triton's onnxruntime computes only what
+        the requested output needs)."""
+        targets = np.full((len(batch), 1), -1, np.int64)
+        return self._infer(batch, targets, [contract.LOGITS])[0]
+
+    def head_logits(self, layer: str, activations: np.ndarray) -> np.ndarray:
+        raise CamserveError("ablationcam runs the head companion graph, which a Triton entry "
+                            "does not hold: explain with 'camserve serve' for this method")
+
+    def gradients_of(self, batch: np.ndarray, classes: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        raise CamserveError("input-space methods need the saliency companion graph, which a "
+                            "Triton entry does not hold: use 'camserve serve'")
+
+    def _infer(self, image: np.ndarray, targets: np.ndarray,
+               names: list[str]) -> list[np.ndarray]:
+        chunks = []
+        for start in range(0, len(image), self.max_batch_size):
+            part = slice(start, start + self.max_batch_size)
+            inputs = [triton.InferInput(contract.IMAGE, list(image[part].shape), "FP32"),
+                      triton.InferInput(contract.TARGETS, list(targets[part].shape), "INT64")]
+            inputs[0].set_data_from_numpy(np.ascontiguousarray(image[part], np.float32))
+            inputs[1].set_data_from_numpy(np.ascontiguousarray(targets[part], np.int64))
+            result = _call(self._client.infer, self.name, inputs, self._version,
+                           outputs=[triton.InferRequestedOutput(n) for n in names],
+                           client_timeout=self.timeout)
+            chunks.append([result.as_numpy(n) for n in names])
+        if len(chunks) == 1:
+            return chunks[0]
+        return [np.concatenate(parts) for parts in zip(*chunks)]
+
+
+class TritonClient:
+    """Explains images with explainer graphs served by Triton at ``url`` ("host:port" of its
+    gRPC endpoint). ``explain`` takes ``Client.explain``'s keywords and returns the same
+    Explanations; ``limits`` are the request limits the server would apply."""
+
+    def __init__(self, url: str, *, timeout: float | None = DEFAULT_TIMEOUT,
+                 limits: Limits | None = None, **client_options) -> None:
+        self._client = triton.InferenceServerClient(url, **client_options)
+        self.timeout = timeout
+        self._pipeline = Pipeline(limits)
+        self._models: dict[tuple[str, str], TritonModel] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "TritonClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def model(self, name: str, version: str = "") -> TritonModel:
+        """The Triton model ``name`` (its card is read once and kept)."""
+        with self._lock:
+            key = (name, version)
+            if key not in self._models:
+                self._models[key] = TritonModel(self._client, name, version, self.timeout)
+            return self._models[key]
+
+    def explain(self, image=None, *, model: str, version: str = "",
+                **options) -> list[Explanation]:
+        """Explain one image with Triton model ``model``; ``options`` as for
+        ``Client.explain`` (targets, top_k, method, layers, fusion, noise_samples, ...).
+        Raises CamserveError for a request camserve would refuse, TritonError when Triton
+        fails."""
+        if not model:
+            raise CamserveError("name the Triton model to explain with (model=...)")
+        request = Client.request(image, model=model, **options)
+        return explanations(self._pipeline.explain(request, self.model(model, version)))
+
+    def models(self) -> list[str]:
+        """Names of the models in Triton's repository index that are ready."""
+        index = _call(self._client.get_model_repository_index, client_timeout=self.timeout)
+        return sorted(m.name for m in index.models if m.state in ("", "READY"))
+
+    def ready(self, models: Sequence[str] = ()) -> bool:
+        """Whether Triton is ready (and each of ``models`` is)."""
+        try:
+            return (self._client.is_server_ready(client_timeout=self.timeout)
+                    and all(self._client.is_model_ready(m, client_timeout=self.timeout)
+                            for m in models))
+        except InferenceServerException:
+            return False
+
+
+def _call(function, *args, **kwargs):
+    try:
+        return function(*args, **kwargs)
+    except InferenceServerException as exc:
+        raise TritonError(f"Triton: {exc.message() or exc}", exc.status()) from None
