@@ -243,14 +243,12 @@ def cam_maps(method_name: str, layers: list[tuple[np.ndarray, np.ndarray]],
         if normalize:
             maps = normalize_maps(maps)
         per_layer.append(np.stack([resize_map(m, *size) for m in maps]))
-    stacked = np.stack(per_layer)  # [L,K,H,W]
-    if fusion == "mean":
-        fused = stacked.mean(axis=0)
-    elif fusion == "sum":
-        fused = stacked.sum(axis=0)
+    if len(per_layer) == 1:
+        fused = per_layer[0]  # every fusion of one (ReLU'd) layer is that layer
     else:
-        fused = stacked.max(axis=0)
-    fused = np.maximum(fused, 0)
+        stacked = np.stack(per_layer)  # [L,K,H,W]
+        reduce = {"mean": np.mean, "sum": np.sum, "max": np.max}[fusion]
+        fused = np.maximum(reduce(stacked, axis=0), 0)
     return normalize_maps(fused) if normalize else fused
 
 
