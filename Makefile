@@ -6,7 +6,7 @@ MODELS := models
 DEMO_MODEL := $(MODELS)/efficientnet_lite0.onnx
 PROTO := protos/camserve/v1/explainer.proto
 
-.PHONY: install export serve demo test proto bench clean
+.PHONY: install export serve cluster demo test proto bench clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ $(DEMO_MODEL): | $(VENV)/.installed
 
 serve: install $(DEMO_MODEL)
 	$(PY) -m camserve serve --models $(MODELS)
+
+# REPLICAS `camserve serve` processes behind Envoy on 127.0.0.1:$(PORT); Ctrl-C stops them all.
+REPLICAS ?= 3
+PORT ?= 50050
+cluster: install $(DEMO_MODEL)
+	$(PY) -m camserve cluster --replicas $(REPLICAS) --models $(MODELS) --port $(PORT)
 
 demo: install $(DEMO_MODEL)
 	bash scripts/demo.sh

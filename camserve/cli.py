@@ -16,12 +16,14 @@ def build_parser() -> argparse.ArgumentParser:
     from camserve.client import cli as client_cli
     from camserve.export import cli as export_cli
     from camserve.server import cli as server_cli
+    from camserve.server import cluster_cli
     from camserve.server import evaluate_cli
 
     parser = argparse.ArgumentParser(prog="camserve", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     export_cli.add_parser(subparsers)
     server_cli.add_parser(subparsers)
+    cluster_cli.add_parser(subparsers)
     client_cli.add_parser(subparsers)
     evaluate_cli.add_parser(subparsers)
     return parser

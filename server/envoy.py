@@ -1,0 +1,238 @@
+"""Envoy in front of several camserve replicas: the bootstrap configuration, as a pure function.
+
+``bootstrap`` returns the configuration as a dict (written as JSON, which Envoy reads as
+YAML too). One listener takes gRPC on ``listen_host:listen_port`` and sends every call to a
+cluster of the replicas:
+
+- HTTP/2 to the replicas, balanced by least requests;
+- active ``grpc.health.v1`` checks (service ""), and a zero panic threshold, so a replica
+  whose health is not SERVING (starting, draining after SIGTERM, gone) gets no calls;
+- retries on UNAVAILABLE, RESOURCE_EXHAUSTED, CANCELLED (by the replica), refused
+  connections, refused streams and resets, each to a replica not tried yet for that call,
+  bounded in number and by a budget;
+- outlier detection for replicas that keep failing between two health checks;
+- the caller's ``grpc-timeout`` is the call's only deadline (no route timeout);
+- request bodies up to the server's message limit are kept for a retry;
+- the admin interface on loopback only.
+
+``python -m camserve.server.envoy HOST:PORT ... [--host H] [--port P] [--admin-port A]``
+prints the configuration for other addresses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+from typing import Any, Sequence
+
+from camserve.errors import CamserveError
+
+CLUSTER = "camserve"
+ADMIN_HOST = "127.0.0.1"  # the admin interface can reconfigure and stop Envoy: loopback only
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the server's default receive and send limit
+# room for the gRPC frame header (5 bytes) and HTTP/2 framing around one such message
+BODY_MARGIN_BYTES = 64 * 1024
+# gRPC statuses and transport failures retried on another replica. A replica shutting down
+# answers UNAVAILABLE, and CANCELLED for calls its transport had taken but not yet handed to
+# a worker when it closed; Explain has no side effects, so either is safe to send elsewhere.
+# (A caller that cancels leaves no answer to retry.)
+RETRY_ON = "unavailable,resource-exhausted,cancelled,connect-failure,refused-stream,reset"
+
+_HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+        "HttpConnectionManager")
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_UPSTREAM_HTTP = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_PREVIOUS_HOSTS = ("type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3."
+                   "PreviousHostsPredicate")
+_CONNECTIONS_MONITOR = ("type.googleapis.com/envoy.extensions.resource_monitors."
+                        "downstream_connections.v3.DownstreamConnectionsConfig")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """"host:port" (IPv6 in brackets) -> (host, port); CamserveError when malformed."""
+    host, sep, port = address.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CamserveError(f"replica address {address!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _socket(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _seconds(value: float) -> str:
+    """A protobuf Duration in JSON: "1s", "0.25s"."""
+    return f"{value:g}s"
+
+
+def health_check(interval_s: float = 1.0, timeout_s: float = 2.0) -> dict[str, Any]:
+    """Active grpc.health.v1 checks of the whole server (service "").
+
+    A NOT_SERVING answer marks a replica unhealthy at once; missed answers (a busy or dead
+    replica) do so after three in a row. Two SERVING answers bring it back, one at startup.
+    """
+    return {
+        "timeout": _seconds(timeout_s),
+        "interval": _seconds(interval_s),
+        "interval_jitter": _seconds(interval_s / 10),
+        # Envoy checks a cluster that has carried no call yet only this often
+        "no_traffic_interval": _seconds(max(interval_s, 5.0)),
+        "unhealthy_threshold": 3,
+        "healthy_threshold": 2,
+        "grpc_health_check": {"service_name": ""},
+    }
+
+
+def retry_policy(num_retries: int) -> dict[str, Any]:
+    """Retry a refused or broken call on another replica, at most ``num_retries`` times."""
+    return {
+        "retry_on": RETRY_ON,
+        "num_retries": num_retries,
+        # a retry goes to a replica this call has not tried yet
+        "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                                  "typed_config": {"@type": _PREVIOUS_HOSTS}}],
+        "host_selection_retry_max_attempts": 5,
+        "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+    }
+
+
+def upstream_cluster(replicas: Sequence[str], health: dict[str, Any]) -> dict[str, Any]:
+    """The replicas as one cluster: STATIC for IP addresses, STRICT_DNS when a name needs
+    resolving (every address a name resolves to becomes a replica)."""
+    endpoints = [split_address(address) for address in replicas]
+    static = all(_is_ip(host) for host, _ in endpoints)
+    cluster: dict[str, Any] = {
+        "name": CLUSTER,
+        "type": "STATIC" if static else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "load_assignment": {"cluster_name": CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _socket(host, port)}} for host, port in endpoints]}]},
+        "typed_extension_protocol_options": {_UPSTREAM_HTTP: {
+            "@type": f"type.googleapis.com/{_UPSTREAM_HTTP}",
+            "explicit_http_config": {"http2_protocol_options": {}}}},
+        "health_checks": [health],
+        # never route to a replica that failed its health checks, even when few are left
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
+        "outlier_detection": {
+            # gRPC statuses count as HTTP codes here: UNAVAILABLE 503, INTERNAL 500
+            "consecutive_5xx": 5,
+            "consecutive_gateway_failure": 5,
+            "enforcing_consecutive_gateway_failure": 100,
+            "interval": "2s",
+            "base_ejection_time": "10s",
+            "max_ejection_percent": 50,
+        },
+        "circuit_breakers": {"thresholds": [{
+            "priority": "DEFAULT",
+            # retries in flight: a fifth of the calls in flight, at least 32
+            "retry_budget": {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 32},
+        }]},
+    }
+    if not static:
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    return cluster
+
+
+def listener(listen_host: str, listen_port: int, num_retries: int,
+             max_message_bytes: int) -> dict[str, Any]:
+    """The gRPC listener: every call goes to the replicas, with the caller's deadline."""
+    route = {
+        "match": {"prefix": "/"},
+        "route": {
+            "cluster": CLUSTER,
+            "timeout": "0s",  # no route deadline of Envoy's own ...
+            # ... the caller's grpc-timeout header is the call's deadline, uncapped
+            "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+            "retry_policy": retry_policy(num_retries),
+        },
+    }
+    manager = {
+        "@type": _HCM,
+        "stat_prefix": "camserve",
+        "codec_type": "AUTO",
+        "route_config": {"name": "camserve", "virtual_hosts": [{
+            "name": "camserve", "domains": ["*"], "routes": [route],
+            # a request body up to the server's limit is kept so that it can be retried
+            "request_body_buffer_limit": max_message_bytes + BODY_MARGIN_BYTES,
+        }]},
+        "http_filters": [{"name": "envoy.filters.http.router",
+                          "typed_config": {"@type": _ROUTER}}],
+    }
+    return {
+        "name": "camserve_grpc",
+        "address": _socket(listen_host, listen_port),
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": manager}]}],
+    }
+
+
+def bootstrap(replicas: Sequence[str], *, listen_host: str = "127.0.0.1",
+              listen_port: int = 50050, admin_port: int = 9901, num_retries: int = 2,
+              health_interval_s: float = 1.0,
+              max_message_bytes: int = MAX_MESSAGE_BYTES,
+              max_connections: int = 10_000) -> dict[str, Any]:
+    """Envoy's bootstrap configuration for ``replicas`` ("host:port" each) behind one gRPC
+    listener on ``listen_host:listen_port`` (port 0: any free port), the admin interface on
+    127.0.0.1:``admin_port`` (0: any free port)."""
+    if not replicas:
+        raise CamserveError("at least one replica address is needed")
+    if not 0 <= listen_port < 65536 or not 0 <= admin_port < 65536:
+        raise CamserveError("ports must be within 0..65535")
+    if num_retries < 0:
+        raise CamserveError("the number of retries must be >= 0")
+    return {
+        "admin": {"address": _socket(ADMIN_HOST, admin_port)},
+        "static_resources": {
+            "listeners": [listener(listen_host, listen_port, num_retries, max_message_bytes)],
+            "clusters": [upstream_cluster(replicas, health_check(health_interval_s))],
+        },
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {"@type": _CONNECTIONS_MONITOR,
+                             "max_active_downstream_connections": max_connections}}]},
+    }
+
+
+def render(config: dict[str, Any]) -> str:
+    """The configuration as the JSON text Envoy reads (``-c FILE``)."""
+    return json.dumps(config, indent=2) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the configuration for the replica addresses given on the command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m camserve.server.envoy",
+        description="Print Envoy's configuration for camserve replicas (JSON).")
+    parser.add_argument("replicas", nargs="+", metavar="HOST:PORT",
+                        help="a replica's address (IP, or a name Envoy resolves)")
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default loopback)")
+    parser.add_argument("--port", type=int, default=50050, help="listen port (default 50050)")
+    parser.add_argument("--admin-port", type=int, default=9901,
+                        help="admin port, always on 127.0.0.1 (default 9901)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="most retries of one call, each on another replica (default 2)")
+    args = parser.parse_args(argv)
+    try:
+        config = bootstrap(args.replicas, listen_host=args.host, listen_port=args.port,
+                           admin_port=args.admin_port, num_retries=args.retries)
+    except CamserveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

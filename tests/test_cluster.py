@@ -1,0 +1,339 @@
+"""Scale-out behind Envoy: the committed Envoy configuration is the rendered one and Envoy
+accepts it; three replicas share a load and one of them stopped by SIGTERM in the middle
+costs no call; ``camserve cluster`` prints its address, exits 0 on SIGTERM, and says in one
+line what is wrong with a command that cannot work."""
+
+from __future__ import annotations
+
+import json
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import psutil
+import pytest
+
+from camserve.cli import main
+from camserve.client import Client, sdk
+from camserve.errors import CamserveError
+from camserve.server import envoy
+from camserve.server.cluster import Child, ClusterConfig, find_envoy, start_cluster
+
+try:
+    ENVOY = find_envoy()
+except CamserveError:
+    ENVOY = None
+
+pytestmark = [pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
+              pytest.mark.skipif(ENVOY is None, reason="no Envoy binary (camserve[cluster])")]
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOYED = ROOT / "deploy" / "envoy" / "envoy.json"
+EXAMPLE_REPLICAS = ["127.0.0.1:50051", "127.0.0.1:50052", "127.0.0.1:50053"]
+
+CLIENTS = 16
+REQUESTS = 600
+SIGNAL_AT = REQUESTS // 2  # completed calls when one replica gets SIGTERM
+GONE_FROM = REQUESTS * 3 // 4  # calls from this one on start once that replica has exited
+PHOTOS = [cv2.imencode(".png", np.random.default_rng(i).integers(0, 256, (40 + 7 * i, 64, 3),
+                                                                  dtype=np.uint8))[1].tobytes()
+          for i in range(8)]
+
+
+def work(i: int) -> tuple[bytes, list[int]]:
+    """The i-th call's photo and targets (40 distinct calls, repeated)."""
+    return PHOTOS[i % 8], [i % 10, (3 * i + 1) % 10]
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path),
+                           "--disable-hot-restart", "--log-level", "warn"],
+                          capture_output=True, text=True, timeout=60)
+
+
+# --- deploy/envoy ---------------------------------------------------------------------------
+def test_committed_envoy_config_is_the_rendered_one_and_envoy_accepts_it(capsys):
+    assert envoy.main(EXAMPLE_REPLICAS) == 0
+    assert capsys.readouterr().out == DEPLOYED.read_text(), \
+        "deploy/envoy/envoy.json is stale: render it again (deploy/envoy/README.md)"
+    checked = _validate(DEPLOYED)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    assert "OK" in checked.stdout
+
+
+def test_envoy_config_has_what_the_replicas_need(tmp_path):
+    config = envoy.bootstrap(["10.0.0.5:50051", "camserve-1.internal:50051"], listen_port=0,
+                             admin_port=0, num_retries=3)
+    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    cluster = config["static_resources"]["clusters"][0]
+    assert cluster["type"] == "STRICT_DNS"  # a name among the addresses
+    assert cluster["lb_policy"] == "LEAST_REQUEST"
+    assert cluster["common_lb_config"]["healthy_panic_threshold"]["value"] == 0
+    assert cluster["health_checks"][0]["grpc_health_check"] == {"service_name": ""}
+    options = cluster["typed_extension_protocol_options"]
+    assert "http2_protocol_options" in next(iter(options.values()))["explicit_http_config"]
+    manager = (config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+               ["typed_config"])
+    host = manager["route_config"]["virtual_hosts"][0]
+    assert host["request_body_buffer_limit"] > envoy.MAX_MESSAGE_BYTES
+    route = host["routes"][0]["route"]
+    assert route["timeout"] == "0s"
+    assert route["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+    retry = route["retry_policy"]
+    assert {"unavailable", "resource-exhausted", "connect-failure"} <= set(
+        retry["retry_on"].split(","))
+    assert retry["num_retries"] == 3
+    assert retry["retry_host_predicate"][0]["name"].endswith("previous_hosts")
+    path = tmp_path / "envoy.json"
+    path.write_text(envoy.render(config))
+    checked = _validate(path)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    assert envoy.bootstrap(EXAMPLE_REPLICAS)["static_resources"]["clusters"][0]["type"] \
+        == "STATIC"
+    with pytest.raises(CamserveError, match="HOST:PORT"):
+        envoy.bootstrap(["127.0.0.1"])
+
+
+# --- three replicas under load --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster(models_dir, tmp_path_factory):
+    output = (tmp_path_factory.mktemp("cluster") / "children.log").open("w")
+    running = start_cluster(ClusterConfig(
+        models=models_dir, replicas=3, port=0, device="cpu", intra_op_threads=1,
+        default_model="tiny", grace_seconds=5, start_timeout_s=120, output=output))
+    yield running
+    running.stop()
+    output.close()
+
+
+def _no_client_retries(monkeypatch) -> None:
+    """The SDK retries UNAVAILABLE on its own; without that every failure Envoy lets through
+    reaches the test."""
+    options = [o for o in sdk.CHANNEL_OPTIONS
+               if o[0] not in ("grpc.enable_retries", "grpc.service_config")]
+    monkeypatch.setattr(sdk, "CHANNEL_OPTIONS", [*options, ("grpc.enable_retries", 0)])
+
+
+def _rq_total(cluster) -> dict[str, int]:
+    return {address: stats["rq_total"] for address, stats in cluster.host_stats().items()}
+
+
+def _envoy_counter(cluster, name: str) -> int:
+    for line in cluster.admin(f"/stats?filter=^{re.escape(name)}$").splitlines():
+        key, _, value = line.partition(": ")
+        if key == name:
+            return int(value)
+    return 0
+
+
+def test_three_replicas_share_the_load_and_a_sigterm_costs_no_call(cluster, server,
+                                                                   monkeypatch, caplog):
+    caplog.set_level("INFO", logger="camserve.cluster")
+    _no_client_retries(monkeypatch)
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as single:  # one server, no Envoy
+        expected = {i: single.explain(work(i)[0], targets=work(i)[1]) for i in range(40)}
+
+    victim = cluster.replicas[1]
+    victim_process = victim.process
+    before = _rq_total(cluster)
+    retries_before = _envoy_counter(cluster, "cluster.camserve.upstream_rq_retry")
+    results: dict[int, list] = {}
+    failures: list[tuple[int, str]] = []
+    lock = threading.Lock()
+    counter = iter(range(REQUESTS))
+    halfway = threading.Event()
+    victim_gone = threading.Event()
+
+    def client_loop() -> None:
+        with Client(cluster.address, timeout=30) as client:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                if i >= GONE_FROM:  # the last quarter runs without the victim
+                    victim_gone.wait(60)
+                photo, targets = work(i)
+                try:
+                    answer = client.explain(photo, targets=targets, request_id=str(i))
+                except Exception as exc:  # noqa: BLE001 -- every failure is recorded
+                    with lock:
+                        failures.append((i, repr(exc)[:300]))
+                    continue
+                with lock:
+                    results[i] = answer
+                    if len(results) + len(failures) >= SIGNAL_AT:
+                        halfway.set()
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client_loop) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    assert halfway.wait(120), "the load did not get halfway"
+    signalled_after = len(results) + len(failures)
+    victim_process.send_signal(signal.SIGTERM)
+    victim_code = victim_process.wait(30)  # it drains, closes and exits
+    gone_after = len(results) + len(failures)
+    victim_gone.set()
+    for thread in threads:
+        thread.join(180)
+    took = time.monotonic() - started
+    after = _rq_total(cluster)
+    retries = _envoy_counter(cluster, "cluster.camserve.upstream_rq_retry") - retries_before
+
+    assert not failures, failures[:5]
+    assert len(results) == REQUESTS
+    for i, answer in results.items():
+        reference = expected[i % 40]
+        assert [e.class_index for e in answer] == [e.class_index for e in reference]
+        assert [e.label for e in answer] == [e.label for e in reference]
+        np.testing.assert_allclose([e.probability for e in answer],
+                                   [e.probability for e in reference], rtol=1e-4, atol=1e-6)
+        for got, want in zip(answer, reference):
+            # float16 maps on the wire: one unit in the last place is ~5e-4 near 1
+            np.testing.assert_allclose(got.cam_input, want.cam_input, atol=2e-3)
+            assert got.request_id == str(i)
+
+    shares = {address: after[address] - before.get(address, 0) for address in after}
+    print(f"\ncluster: {REQUESTS} calls from {CLIENTS} clients in {took:.1f} s; upstream "
+          f"attempts per replica {shares}; Envoy retries {retries}; SIGTERM after "
+          f"{signalled_after} calls, the replica gone after {gone_after}")
+    assert set(shares) == {r.address for r in cluster.replicas}
+    assert all(share >= REQUESTS // 20 for share in shares.values()), shares
+
+    # the replica drained and exited 0; the supervisor started it again on its port
+    assert victim_code == 0
+    deadline = time.monotonic() + 60
+    while not (victim.restarts >= 1 and victim.alive() and victim.listening.is_set()
+               and cluster.host_stats()[victim.address]["healthy"]):
+        assert time.monotonic() < deadline, "the replica was not restarted"
+        time.sleep(0.2)
+    assert victim.pid != victim_process.pid
+    assert any("replica 1" in r.getMessage() and "restarting it in" in r.getMessage()
+               for r in caplog.records)
+    with Client(cluster.address, timeout=30) as client:
+        assert client.explain(PHOTOS[0], targets=[3])[0].class_index == 3
+
+
+def test_messages_up_to_the_servers_limit_pass_and_larger_ones_are_refused_once(cluster):
+    noise = np.random.default_rng(9).integers(0, 256, (2250, 2200, 3), dtype=np.uint8)
+    large = cv2.imencode(".png", noise)[1].tobytes()
+    assert 14 * 2**20 < len(large) < envoy.MAX_MESSAGE_BYTES
+    abandoned = _envoy_counter(cluster, "cluster.camserve.retry_or_shadow_abandoned")
+    with Client(cluster.address, timeout=60) as client:
+        assert client.explain(large, targets=[4])[0].class_index == 4
+        with pytest.raises(grpc.RpcError) as caught:
+            client.explain(b"\xff\xd8" + bytes(envoy.MAX_MESSAGE_BYTES + 2**20), targets=[4])
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in caught.value.details()
+    # too large to keep for a retry: passed on once, not tried on every replica
+    assert _envoy_counter(cluster, "cluster.camserve.retry_or_shadow_abandoned") \
+        == abandoned + 1
+
+
+# --- the command ----------------------------------------------------------------------------
+def test_cluster_command_prints_its_address_and_exits_0_on_sigterm(models_dir, tmp_path):
+    log = tmp_path / "cluster.log"
+    with log.open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "camserve", "cluster", "--replicas", "2", "--models",
+             str(models_dir), "--port", "0", "--device", "cpu", "--intra-op-threads", "1",
+             "--grace-seconds", "2"],
+            stdout=subprocess.PIPE, stderr=err, text=True)
+    children: list[psutil.Process] = []
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 120)
+        line = process.stdout.readline() if ready else ""
+        found = re.fullmatch(r"camserve cluster: serving on 127\.0\.0\.1:(\d+) \(2 replicas\)\n",
+                             line)
+        assert found, (line, log.read_text()[-3000:])
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert len(children) == 3  # two replicas and Envoy
+        with Client(f"127.0.0.1:{found.group(1)}", timeout=30) as client:
+            assert client.health() == "SERVING"
+            assert client.explain(PHOTOS[1], targets=[7])[0].class_index == 7
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log.read_text()[-3000:]
+        assert process.stdout.read() == ""  # the address was the only line
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive
+        text = log.read_text()
+        assert "SIGTERM: stopping the cluster" in text and "cluster stopped" in text
+        assert "Traceback" not in text
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        for child in children:
+            if child.is_running():
+                child.kill()
+        process.stdout.close()
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--replicas", "0"], "--replicas must be >= 1"),
+    (["--models", "{empty}"], "no explainer graph (*.onnx) in"),
+    (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy} for Envoy"),
+    (["--envoy", "{empty}/envoy"], "no executable Envoy binary at"),
+    (["--host", "example.com"], "is not an IP address"),
+])
+def test_cluster_errors_are_one_readable_line(flags, message, models_dir, tmp_path, busy_port,
+                                              capsys):
+    fill = {"empty": str(tmp_path), "busy": str(busy_port)}
+    argv = ["cluster", "--models", str(models_dir), "--port", "0",
+            *[flag.format(**fill) for flag in flags]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("camserve cluster: error: ") and "\n" not in err, err
+    assert message.format(**fill) in err
+
+
+def test_a_replica_that_cannot_start_is_a_readable_error(tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    started = time.monotonic()
+    with pytest.raises(CamserveError, match=r"replica 0 did not start: .*no explainer graph"):
+        start_cluster(ClusterConfig(models=tmp_path, replicas=1, port=0, device="cpu",
+                                    output=(tmp_path / "out.log").open("w")))
+    assert time.monotonic() - started < 60
+
+
+def test_restart_delay_doubles_while_a_child_keeps_failing():
+    child = Child("x", sink=None)
+    delays = [child.schedule_restart(now=float(t)) for t in range(7)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+    child._started = 100.0  # ran long enough before its next exit: a new series starts
+    assert child.schedule_restart(now=100.0 + 60) == 0.5
+
+
+def test_host_stats_come_from_envoys_clusters_json():
+    from camserve.server.cluster import parse_host_stats
+
+    sample = {"cluster_statuses": [{"name": "camserve", "host_statuses": [
+        {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+         "stats": [{"name": "rq_total", "value": "7"}, {"name": "rq_error"}],
+         "health_status": {"eds_health_status": "HEALTHY"}},
+        {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 2}},
+         "stats": [{"name": "rq_total"}],
+         "health_status": {"eds_health_status": "HEALTHY", "failed_active_health_check": True}},
+    ]}]}
+    stats = parse_host_stats(json.loads(json.dumps(sample)))
+    assert stats == {"127.0.0.1:1": {"rq_total": 7, "rq_error": 0, "healthy": True},
+                     "127.0.0.1:2": {"rq_total": 0, "healthy": False}}
