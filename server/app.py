@@ -69,6 +69,9 @@ class ServerConfig:
     metrics_port: int | None = None  # Prometheus exporter on host:port (0: any free port)
 
 
+SETTLE_SECONDS = 0.1  # on stop: quiet time that proves no admitted call is still queued
+
+
 class _Gate(grpc.ServerInterceptor):
     """Counts the calls in flight (per model generation) and, once closed, answers new ones
     UNAVAILABLE. Health and reflection pass untouched, so probes see NOT_SERVING."""
@@ -79,6 +82,7 @@ class _Gate(grpc.ServerInterceptor):
         self._hurry = False
         self._generation = 0
         self._active: Counter[int] = Counter()  # generation -> calls in flight
+        self._started = 0  # calls that reached a worker, ever
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -93,6 +97,7 @@ class _Gate(grpc.ServerInterceptor):
 
     def _enter(self) -> int:
         with self._cond:
+            self._started += 1
             self._active[self._generation] += 1
             return self._generation
 
@@ -162,6 +167,21 @@ class _Gate(grpc.ServerInterceptor):
                                           if upto is None or g <= upto)
         with self._cond:
             return self._cond.wait_for(idle, timeout) and not self._hurry
+
+    def wait_settled(self, timeout: float, settle: float = SETTLE_SECONDS) -> bool:
+        """``wait_idle``, and then idle for ``settle`` seconds on end: a call that passed the
+        gate before it closed but still waited for a worker thread is not counted yet, and
+        stopping the gRPC server under it would cancel it (CANCELLED). False as for
+        ``wait_idle``."""
+        deadline = time.monotonic() + timeout
+        while self.wait_idle(max(0.0, deadline - time.monotonic())):
+            with self._cond:
+                started = self._started
+            time.sleep(max(0.0, min(settle, deadline - time.monotonic())))
+            with self._cond:
+                if self._started == started:
+                    return True
+        return False
 
 
 class RunningServer:
@@ -270,7 +290,7 @@ class RunningServer:
             self._stopping = True
         self.health.enter_graceful_shutdown()
         self._gate.close()
-        if not self._gate.wait_idle(grace):
+        if not self._gate.wait_settled(grace):
             log.warning("stopping with %d call(s) still in flight", self._gate.in_flight)
             deadline = time.monotonic()
         self.server.stop(max(0.0, deadline - time.monotonic())).wait()
