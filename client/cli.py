@@ -15,6 +15,10 @@ def add_parser(subparsers) -> None:
                                           "overlay and panel PNGs and a JSON file per image.")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
+    p.add_argument("--triton", metavar="HOST:PORT",
+                   help="explain through this NVIDIA Triton gRPC endpoint instead of a camserve "
+                        "server (needs --model and camserve[triton]; see 'camserve export "
+                        "--triton-repo')")
     p.add_argument("--model", default="", help="model name (default: the server's default)")
     p.add_argument("--target", type=int, action="append", dest="targets", metavar="C",
                    help="class index to explain (repeatable)")
@@ -33,15 +37,17 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import grpc
 
-    from camserve.client import Client, fuse, load_image
+    from camserve.client import fuse, load_image
     from camserve.client.render import panel
 
     for image in args.images:
         if not image.is_file():
             raise CamserveError(f"image {str(image)!r} does not exist")
+    if args.triton and not args.model:
+        raise CamserveError("--triton needs --model: the Triton model to explain with")
     args.out.mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(args.images)
-    with Client(args.server, timeout=args.timeout) as client:
+    with _connect(args) as client:
         for image_path, image_stem in zip(args.images, stems):
             photo = load_image(image_path)
             try:
@@ -50,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
             except grpc.RpcError as exc:
                 raise CamserveError(f"{image_path.name}: {exc.code().name}: "
                                     f"{exc.details()}") from None
+            except RuntimeError as exc:  # TritonError
+                raise CamserveError(f"{image_path.name}: {exc}") from None
             found = _distinct_classes(found)  # a --target that is also a top-k class
             if args.fuse and len(found) > 1:
                 found.append(fuse(found, args.fuse))
@@ -71,6 +79,20 @@ def run(args: argparse.Namespace) -> int:
             (args.out / f"{image_stem}.json").write_text(
                 json.dumps({"image": image_path.name, "explanations": records}, indent=1))
     return 0
+
+
+def _connect(args: argparse.Namespace):
+    """A camserve ``Client``, or a ``TritonClient`` with --triton."""
+    from camserve.client import Client
+
+    if not args.triton:
+        return Client(args.server, timeout=args.timeout)
+    try:
+        from camserve.client.triton import TritonClient
+    except ImportError as exc:
+        raise CamserveError(f"--triton needs tritonclient ({exc.name} is missing): "
+                            "pip install 'camserve[triton]'") from None
+    return TritonClient(args.triton, timeout=args.timeout)
 
 
 def _distinct_classes(found: list) -> list:

@@ -39,11 +39,17 @@ def repo(models_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def triton(repo):
+def standin(repo):
+    """The address of a Triton stand-in serving ``repo``."""
     server, port = serve(repo)
-    with TritonClient(f"127.0.0.1:{port}", timeout=30) as client:
-        yield client
+    yield f"127.0.0.1:{port}"
     server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def triton(standin):
+    with TritonClient(standin, timeout=30) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +172,17 @@ def test_triton_client_stays_thin():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cli_explains_through_triton(standin, tmp_path, capsys):
+    code = camserve_main(["explain", str(CAT), "--triton", standin, "--model", "tiny",
+                          "--top-k", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert len([p for p in tmp_path.iterdir() if p.name.endswith("_panel.png")]) == 2
+    assert '"model": "tiny"' in (tmp_path / "cat.json").read_text()
+
+    code = camserve_main(["explain", str(CAT), "--triton", standin, "--out", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == \
+        "camserve explain: error: --triton needs --model: the Triton model to explain with"
