@@ -2,8 +2,9 @@
 
 ``make bench`` (or ``.venv/bin/python bench/compare.py [--quick]``). For each model
 (resnet50 with random weights -- timing does not depend on them -- and the pretrained
-EfficientNet-Lite0), on the CPU, B=1, 224x224, with the same thread count everywhere
-(onnxruntime intra-op threads = torch threads = --threads):
+EfficientNet-Lite0), on the CPU (``--device cuda``: on the GPU, see below), B=1, 224x224,
+with the same thread count everywhere (onnxruntime intra-op threads = torch threads =
+--threads):
 
   (a) onnxruntime forward of the plain classifier (torch.onnx.export, dynamo=False)
   (b) the explainer graph in-process, Grad-CAM included (session run + cam_maps to 224x224)
@@ -14,6 +15,14 @@ EfficientNet-Lite0), on the CPU, B=1, 224x224, with the same thread count everyw
   (e) Captum LayerGradCam on torch, upsampled with LayerAttribution.interpolate
 
 (d) and (e) explain the layer camserve exports by default (resnet50: layer4, Lite0: _bn1).
+(e) is left out, with a note, where Captum is not installed.
+
+``--device cuda`` runs (a) and (b) on onnxruntime's CUDA provider (the explainer through IO
+binding, as the server runs it on CUDA; with one more row, (b) without IO binding), the
+servers with ``--device cuda``, and (d) and (e) with the model and input on the GPU.
+``--precision float32 float16`` measures each model once per precision: the explainer and
+the plain classifier of (a) exported in that precision (``camserve export --precision``),
+(d) and (e) always in float32 on torch.
 Every request sends the same JPEG: samples/cat.jpg resized to 224x224 and re-encoded
 (quality 90), so the server decodes and preprocesses an image of the model's input size;
 (a), (b), (d) and (e) get the tensor the server's preprocessing makes of it.
@@ -54,16 +63,18 @@ from typing import Any, Callable
 import cv2
 import grpc
 import numpy as np
+import onnx
 import onnxruntime as ort
 import psutil
 import torch
-from captum.attr import LayerAttribution, LayerGradCam
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from camserve.client import Client
+from camserve import contract
 from camserve.export import export_explainer
 from camserve.export.models import load
+from camserve.export.precision import to_float16
 from camserve.server import cam, preprocess
 from camserve.server.models import load_model, open_session
 from camserve.v1 import explainer_pb2 as pb
@@ -82,6 +93,7 @@ Call = Callable[[], object]
 LABELS = {
     "a": "(a) onnxruntime forward, plain classifier",
     "b": "(b) explainer graph + Grad-CAM, in-process",
+    "b_unbound": "(b) explainer graph + Grad-CAM, in-process, without IO binding",
     "c_sdk": "(c) gRPC, SDK default (Client.explain, MODEL_INPUT float16)",
     "c_min": "(c) gRPC, smallest response (stub, FEATURE_MAP float16)",
     "d": "(d) grad-cam 1.5.7 GradCAM, torch",
@@ -98,6 +110,7 @@ RESPONSES = {
 
 @dataclass(frozen=True)
 class Settings:
+    device: str  # "cpu" or "cuda": onnxruntime's provider, the servers' and torch's device
     threads: int
     runs: int
     warmup: int
@@ -107,9 +120,10 @@ class Settings:
 
 @dataclass
 class Subject:
-    """One model, exported both ways, and its input."""
+    """One model in one precision, exported both ways, and its input."""
 
     arch: str
+    precision: str  # of the two ONNX files; torch runs float32
     module: torch.nn.Module
     layer: str  # the layer camserve explains by default
     plain: Path  # plain classifier ONNX
@@ -158,59 +172,85 @@ def sample_jpeg() -> bytes:
     return data.tobytes()
 
 
-def prepare(arch: str, folder: Path, jpeg: bytes) -> Subject:
-    """Export ``arch`` as a plain classifier and as an explainer (the default layer)."""
+def prepare(arch: str, folder: Path, jpeg: bytes,
+            precision: str = contract.FLOAT32) -> Subject:
+    """Export ``arch`` as a plain classifier and as an explainer (the default layer), both
+    in ``precision``."""
     loaded = load(arch)  # resnet50: torchvision.models.resnet50(weights=None)
     module = loaded.module.eval()
-    models_dir = folder / arch
+    tag = arch if precision == contract.FLOAT32 else f"{arch}-{precision}"
+    models_dir = folder / tag
     models_dir.mkdir()
     result = export_explainer(module, models_dir / f"{arch}.onnx", input_size=SIZE,
                               labels=loaded.labels, preprocess=loaded.preprocessing,
-                              architecture=arch)
-    plain = folder / f"{arch}_plain.onnx"
+                              architecture=arch, precision=precision)
+    plain = folder / f"{tag}_plain.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (torch.zeros(1, 3, SIZE, SIZE),), str(plain), dynamo=False,
                           input_names=["image"], output_names=["logits"], opset_version=17)
+    if precision == contract.FLOAT16:
+        onnx.save(to_float16(onnx.load(str(plain))), str(plain))
     image, _ = preprocess.preprocess(preprocess.decode(jpeg), loaded.preprocessing)
-    return Subject(arch, module, result.card.layers[0].name, plain, models_dir, image)
+    return Subject(arch, precision, module, result.card.layers[0].name, plain, models_dir,
+                   image)
 
 
-def onnx_calls(s: Subject, threads: int) -> dict[str, Call]:
-    """(a) and (b), on sessions made exactly as the server makes them."""
-    plain, _ = open_session(s.plain, "cpu", threads)
-    explainer = load_model(s.models_dir / f"{s.arch}.onnx", "cpu", threads)
+def subject_name(s: Subject) -> str:
+    """The model's row label: the architecture, and the precision unless float32."""
+    return s.arch if s.precision == contract.FLOAT32 else f"{s.arch} {s.precision}"
+
+
+def onnx_calls(s: Subject, threads: int, device: str = "cpu") -> dict[str, Call]:
+    """(a) and (b), on sessions made exactly as the server makes them; on CUDA also (b)
+    without IO binding."""
+    plain, _ = open_session(s.plain, device, threads)
+    path = s.models_dir / f"{s.arch}.onnx"
+    explainers = {"b": load_model(path, device, threads)}
+    if device == "cuda":
+        explainers["b_unbound"] = load_model(path, device, threads, io_binding=False)
     targets = np.full((1, 1), -1, np.int64)  # the predicted class
 
     def forward() -> object:
         return plain.run(None, {"image": s.image})
 
-    def explain() -> object:
-        _, _, per_layer = explainer.run(s.image, targets, [s.layer])
-        return cam.cam_maps("gradcam", [(a[0], g[0]) for a, g in per_layer.values()],
-                            (SIZE, SIZE))
+    def explain(explainer) -> Call:
+        def call() -> object:
+            _, _, per_layer = explainer.run(s.image, targets, [s.layer])
+            return cam.cam_maps("gradcam", [(a[0], g[0]) for a, g in per_layer.values()],
+                                (SIZE, SIZE))
+        return call
 
-    return {"a": forward, "b": explain}
+    return {"a": forward} | {key: explain(model) for key, model in explainers.items()}
 
 
-def torch_calls(s: Subject) -> dict[str, Call]:
-    """(d) and (e) for the predicted class, on the same layer and input."""
-    x = torch.from_numpy(s.image)
+def torch_calls(s: Subject, device: str = "cpu") -> dict[str, Call]:
+    """(d) and (e) for the predicted class, on the same layer and input, on ``device``
+    (each returns a host array or tensor, so a GPU call has finished when it returns);
+    (e) only where Captum is installed."""
+    module = s.module.to(device)
+    x = torch.from_numpy(s.image).to(device)
     with torch.no_grad():
-        top = int(s.module(x).argmax())
-    layer = s.module.get_submodule(s.layer)
+        top = int(module(x).argmax())
+    layer = module.get_submodule(s.layer)
     targets = [ClassifierOutputTarget(top)]
-    captum = LayerGradCam(s.module, layer)
 
     def grad_cam() -> object:
-        with GradCAM(model=s.module, target_layers=[layer]) as method:  # hooks off after
+        with GradCAM(model=module, target_layers=[layer]) as method:  # hooks off after
             return method(input_tensor=x, targets=targets)
+
+    calls: dict[str, Call] = {"d": grad_cam}
+    try:
+        from captum.attr import LayerAttribution, LayerGradCam
+    except ImportError:
+        return calls
+    captum = LayerGradCam(module, layer)
 
     def captum_cam() -> object:
         return LayerAttribution.interpolate(captum.attribute(x, target=top), (SIZE, SIZE),
-                                            "bilinear")
+                                            "bilinear").cpu()
 
-    return {"d": grad_cam, "e": captum_cam}
+    return calls | {"e": captum_cam}
 
 
 # --- the server ---------------------------------------------------------------------------
@@ -233,11 +273,12 @@ def free_port() -> int:
 class Server:
     """`camserve serve` in a subprocess, healthy once the constructor returns."""
 
-    def __init__(self, models_dir: Path, threads: int, flags: list[str], log: Path) -> None:
+    def __init__(self, models_dir: Path, threads: int, flags: list[str], log: Path,
+                 device: str = "cpu") -> None:
         self.address = f"127.0.0.1:{free_port()}"
         self.log = log
         command = [sys.executable, "-m", "camserve", "serve", "--models", str(models_dir),
-                   "--port", self.address.rsplit(":", 1)[1], "--device", "cpu",
+                   "--port", self.address.rsplit(":", 1)[1], "--device", device,
                    "--intra-op-threads", str(threads), *flags]
         with log.open("w") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -336,15 +377,16 @@ def throughput(address: str, jpeg: bytes, arch: str, clients: int, seconds: floa
     return sum(n for n, _ in results) / (max(t for _, t in results) - window["start"])
 
 
-def start_servers(s: Subject, threads: int, modes: dict[str, list[str]], scratch: Path,
+def start_servers(s: Subject, settings: Settings, modes: dict[str, list[str]], scratch: Path,
                   stack: ExitStack, notes: list[str]) -> dict[str, Server]:
     """One server per mode (stopped by ``stack``); a mode that fails to start is noted."""
     servers = {}
     for mode, flags in modes.items():
+        log = scratch / f"{s.models_dir.name}-{mode}.log"
         try:
-            servers[mode] = Server(s.models_dir, threads, flags, scratch / f"{s.arch}-{mode}.log")
+            servers[mode] = Server(s.models_dir, settings.threads, flags, log, settings.device)
         except RuntimeError as exc:
-            notes.append(f"{s.arch}: server mode {mode!r} failed to start: {exc}")
+            notes.append(f"{subject_name(s)}: server mode {mode!r} failed to start: {exc}")
             continue
         stack.callback(servers[mode].stop)
     return servers
@@ -355,21 +397,21 @@ def measure(s: Subject, settings: Settings, modes: dict[str, list[str]], jpeg: b
     """Everything for one model: the latency rounds (the servers of every mode up at once,
     idle unless called), then per server mode throughput, RSS and response sizes."""
     with ExitStack() as stack:
-        servers = start_servers(s, settings.threads, modes, scratch, stack, notes)
+        servers = start_servers(s, settings, modes, scratch, stack, notes)
         rss_warm = {mode: server.rss_mib() for mode, server in servers.items()}
         endpoints = {mode: Endpoint(server.address) for mode, server in servers.items()}
         for endpoint in endpoints.values():
             stack.callback(endpoint.close)
-        calls = onnx_calls(s, settings.threads)
+        calls = onnx_calls(s, settings.threads, settings.device)
         for mode, endpoint in endpoints.items():
             calls |= {f"{key}/{mode}": call for key, call in endpoint.calls(jpeg, s.arch).items()}
-        calls |= torch_calls(s)
-        progress(f"{s.arch}: timing {len(calls)} methods x {settings.runs} runs")
+        calls |= torch_calls(s, settings.device)
+        progress(f"{subject_name(s)}: timing {len(calls)} methods x {settings.runs} runs")
         times = time_round_robin(calls, settings.runs, settings.warmup)
         latency = {key: summary(samples) for key, samples in times.items()}
         per_mode = {}
         for mode, server in servers.items():
-            progress(f"{s.arch}: throughput, server {mode}")
+            progress(f"{subject_name(s)}: throughput, server {mode}")
             per_mode[mode] = {
                 "explanations_per_s": {n: throughput(server.address, jpeg, s.arch, n,
                                                      settings.seconds)
@@ -378,7 +420,8 @@ def measure(s: Subject, settings: Settings, modes: dict[str, list[str]], jpeg: b
                 "c_min_stages_ms": stages_ms(endpoints[mode].timings, times[f"c_min/{mode}"]),
                 "response_bytes": endpoints[mode].response_bytes(jpeg, s.arch),
                 "goals": goals(latency, mode)}
-    return {"layer": s.layer, "latency_ms": latency, "servers": per_mode}
+    return {"arch": s.arch, "precision": s.precision, "layer": s.layer,
+            "latency_ms": latency, "servers": per_mode}
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -392,11 +435,12 @@ GOALS = {  # name: (column title, met?)
 
 
 def goals(latency_ms: dict[str, Any], mode: str) -> dict[str, float]:
-    """The goal ratios against server ``mode``; (c) is the SDK default."""
+    """The goal ratios against server ``mode``; (c) is the SDK default. (e/c without (e):
+    NaN.)"""
     ms = {k: v["median"] for k, v in latency_ms.items()}
     c, c_min = ms[f"c_sdk/{mode}"], ms[f"c_min/{mode}"]
     return {"b/a": ms["b"] / ms["a"], "c-b_ms": c - ms["b"], "c_min-b_ms": c_min - ms["b"],
-            "d/c": ms["d"] / c, "e/c": ms["e"] / c}
+            "d/c": ms["d"] / c, "e/c": ms.get("e", float("nan")) / c}
 
 
 def fmt(value: float) -> str:
@@ -404,7 +448,7 @@ def fmt(value: float) -> str:
 
 
 def mark(text: str, ok: bool) -> str:
-    return f"{text} {'✓' if ok else '✗'}"
+    return "–" if text == "nan" else f"{text} {'✓' if ok else '✗'}"
 
 
 def table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
@@ -422,8 +466,10 @@ def latency_table(results: dict[str, Any]) -> list[str]:
         base, _, mode = key.partition("/")
         return LABELS[base] + (f", server {mode}" if mode else "")
 
-    return table("Latency (ms)", ["model", "measurement", "median", "p10", "p90"], [
-        [arch, label(key), fmt(v["median"]), fmt(v["p10"]), fmt(v["p90"])]
+    return table("Latency (ms; images/s = 1000 / median, one image per call)",
+                 ["model", "measurement", "median", "p10", "p90", "images/s"], [
+        [arch, label(key), fmt(v["median"]), fmt(v["p10"]), fmt(v["p90"]),
+         f"{1e3 / v['median']:.1f}"]
         for arch, r in results.items() for key, v in r["latency_ms"].items()])
 
 
@@ -467,11 +513,12 @@ def sizes_table(results: dict[str, Any]) -> list[str]:
 
 def report(machine: dict[str, Any], settings: Settings, results: dict[str, Any],
            jpeg_bytes: int, notes: list[str]) -> str:
+    where = "CPU" if settings.device == "cpu" else f"{machine['gpu']} (CUDA)"
     lines = ["# camserve vs grad-cam vs Captum: one Grad-CAM explanation", "",
              f"{machine['cpu']}, {machine['cores']} cores; onnxruntime "
              f"{machine['onnxruntime']}, torch {machine['torch']}, grad-cam "
              f"{machine['grad-cam']}, captum {machine['captum']}; {settings.threads} threads "
-             f"(onnxruntime intra-op = torch). CPU, B=1, {SIZE}x{SIZE}, one target (the "
+             f"(onnxruntime intra-op = torch). {where}, B=1, {SIZE}x{SIZE}, one target (the "
              f"predicted class); median of {settings.runs} interleaved runs after "
              f"{settings.warmup} warm-up rounds; request: samples/cat.jpg resized to "
              f"{SIZE}x{SIZE}, JPEG quality {JPEG_QUALITY} ({jpeg_bytes} bytes).", ""]
@@ -481,22 +528,34 @@ def report(machine: dict[str, Any], settings: Settings, results: dict[str, Any],
     return "\n".join(lines).rstrip() + "\n"
 
 
-def machine_info(threads: int) -> dict[str, Any]:
+def installed(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    version = importlib.metadata.version
+    gpu = torch.cuda.get_device_name() if device == "cuda" else None
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "onnxruntime": ort.__version__, "torch": torch.__version__,
-            "grad-cam": version("grad-cam"), "captum": version("captum"),
-            "grpcio": grpc.__version__, "threads": threads}
+            "grad-cam": installed("grad-cam"), "captum": installed("captum"),
+            "grpcio": grpc.__version__, "threads": threads, "device": device, "gpu": gpu}
 
 
 def parse_args() -> tuple[argparse.Namespace, Settings]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet50", "efficientnet_lite0"])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="onnxruntime's provider, the servers' --device and torch's device")
+    parser.add_argument("--precision", nargs="+", choices=contract.PRECISIONS,
+                        default=[contract.FLOAT32],
+                        help="export each model in these precisions (one row each)")
     parser.add_argument("--threads", type=int, default=2,
                         help="onnxruntime intra-op threads (bench and server) = torch threads")
     parser.add_argument("--runs", type=int, help="timed rounds (default 30, --quick 5)")
@@ -510,7 +569,7 @@ def parse_args() -> tuple[argparse.Namespace, Settings]:
     args = parser.parse_args()
     quick = args.quick
     settings = Settings(
-        threads=args.threads, runs=args.runs or (5 if quick else 30),
+        device=args.device, threads=args.threads, runs=args.runs or (5 if quick else 30),
         warmup=args.warmup if args.warmup is not None else (1 if quick else 5),
         seconds=args.seconds or (1.0 if quick else 5.0), clients=tuple(args.clients))
     return args, settings
@@ -520,15 +579,19 @@ def main() -> None:
     args, settings = parse_args()
     torch.set_num_threads(settings.threads)
     modes, notes = server_modes()
-    machine = machine_info(settings.threads)
+    machine = machine_info(settings.threads, settings.device)
+    if installed("captum") == "not installed":
+        notes.append("Captum is not installed: no (e)")
     jpeg = sample_jpeg()
     results = {}
     with tempfile.TemporaryDirectory(prefix="camserve-bench-") as folder:
         scratch = Path(folder)
         for arch in args.models:
-            progress(f"{arch}: exporting")
-            subject = prepare(arch, scratch, jpeg)
-            results[arch] = measure(subject, settings, modes, jpeg, scratch, notes)
+            for precision in args.precision:
+                progress(f"{arch}: exporting ({precision})")
+                subject = prepare(arch, scratch, jpeg, precision)
+                results[subject_name(subject)] = measure(subject, settings, modes, jpeg,
+                                                         scratch, notes)
     text = report(machine, settings, results, len(jpeg), notes)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)

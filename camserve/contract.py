@@ -48,8 +48,9 @@ A layer whose head also reads other tensors of the network (a skip connection cr
 cut, e.g. resnet's ``layer4.0.conv1``, whose block adds ``layer3``'s output back) is left out
 of the file; with no such layer at all, no head file is written. Each input has its own
 batch dimension. ONNX Runtime wants every graph input fed, so a caller asking for one layer
-feeds the others an empty [0,C,h,w] tensor and fetches only that layer's logits (the server
-also sets ``RunOptions.only_execute_path_to_fetches``, so the other heads do not run at all).
+feeds the others an empty [0,C,h,w] tensor and fetches only that layer's logits (ONNX
+Runtime's inference builds run every node whatever the fetches; on a batch of 0 the other
+heads cost next to nothing).
 The file shares no tensor with the explainer file: it holds its own copy of the head's
 weights -- for resnet ``layer4`` that is the fc layer (2 MB for resnet18, 8 MB for
 resnet50), for VGG-16's last block the whole classifier (124 M parameters, about 0.5 GB).
@@ -90,6 +91,13 @@ COMPANION_KINDS = (SALIENCY, HEAD)
 # config.pbtxt ``parameters`` (one per metadata key), plus the file's SHA-256 (first 12 hex
 # digits) under this key: the model version a client reports, as ``camserve serve`` does.
 KEY_SHA256 = "camserve.sha256"
+# The precision the graph computes in (``camserve export --precision``): its weights and
+# arithmetic, never its inputs and outputs, which stay as the contract says. Optional: a file
+# without it computes in float32.
+KEY_PRECISION = "camserve.precision"
+FLOAT32 = "float32"
+FLOAT16 = "float16"
+PRECISIONS = (FLOAT32, FLOAT16)
 
 
 class ContractError(CamserveError):
@@ -218,6 +226,7 @@ class ModelCard:
     layers: tuple[Layer, ...]
     camserve_version: str = ""
     contract_version: int = CONTRACT_VERSION
+    precision: str = FLOAT32  # what the graph computes in (``KEY_PRECISION``)
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_metadata(self) -> dict[str, str]:
@@ -229,6 +238,7 @@ class ModelCard:
             KEY_LABELS: json.dumps(list(self.labels)),
             KEY_PREPROCESSING: json.dumps(self.preprocessing.to_json()),
             KEY_LAYERS: json.dumps([layer.to_json() for layer in self.layers]),
+            KEY_PRECISION: json.dumps(self.precision),
         }
 
     @classmethod
@@ -249,6 +259,13 @@ class ModelCard:
         layers = values[KEY_LAYERS]
         if not isinstance(labels, list) or not isinstance(layers, list) or not layers:
             raise ContractError("metadata labels and layers must be non-empty JSON lists")
+        try:
+            precision = json.loads(props.get(KEY_PRECISION, json.dumps(FLOAT32)))
+        except json.JSONDecodeError as exc:
+            raise ContractError(f"metadata value is not JSON: {exc}") from exc
+        if precision not in PRECISIONS:
+            raise ContractError(f"precision {precision!r} is not supported (this camserve "
+                                f"reads {', '.join(PRECISIONS)})")
         return cls(
             architecture=str(values[KEY_ARCH]),
             labels=tuple(str(label) for label in labels),
@@ -256,6 +273,7 @@ class ModelCard:
             layers=tuple(Layer.from_json(layer) for layer in layers),
             camserve_version=str(values[KEY_VERSION]),
             contract_version=int(version),
+            precision=precision,
         )
 
     def layer(self, name: str) -> Layer:

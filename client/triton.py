@@ -88,8 +88,7 @@ class TritonModel:
         return outputs[0], outputs[1], per_layer
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """logits [S,N] of a batch float32 [S,3,H,W] (Triton's onnxruntime computes only what
-        the requested output needs)."""
+        """logits [S,N] of a batch float32 [S,3,H,W] (for the top-1 class targets)."""
         targets = np.full((len(batch), 1), -1, np.int64)
         return self._infer(batch, targets, [contract.LOGITS])[0]
 

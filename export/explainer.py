@@ -16,7 +16,7 @@ import camserve
 from camserve import contract
 from camserve.contract import Layer, ModelCard, Preprocessing
 from camserve.errors import CamserveError
-from camserve.export import graph, layers
+from camserve.export import graph, layers, precision as fp16
 
 
 class ExportError(CamserveError):
@@ -43,6 +43,7 @@ def export_explainer(
     preprocess: Preprocessing | None = None,
     architecture: str = "custom",
     input_gradients: bool = False,
+    precision: str = contract.FLOAT32,
 ) -> ExportResult:
     """Write ``path``: the explainer graph of ``model`` with its metadata.
 
@@ -60,7 +61,14 @@ def export_explainer(
     to it. All the files appear or none does. A companion not written this time but left
     there by an earlier export is removed, so that it cannot be attached to a different
     network.
+
+    ``precision="float16"`` writes every file with float16 weights and arithmetic, its
+    inputs and outputs still float32 as the contract says (``camserve.export.precision``);
+    the card's ``precision`` records it.
     """
+    if precision not in contract.PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of: "
+                          f"{', '.join(contract.PRECISIONS)}")
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     model = model.eval()
     example = torch.zeros(1, 3, height, width)
@@ -86,7 +94,7 @@ def export_explainer(
         architecture=architecture, labels=tuple(labels), preprocessing=preprocess,
         layers=tuple(Layer(c.name, act, grad, c.shape)
                      for c, (act, grad) in zip(chosen, output_names)),
-        camserve_version=camserve.__version__)
+        camserve_version=camserve.__version__, precision=precision)
 
     path = Path(path)
     if not path.parent.is_dir():
@@ -101,6 +109,8 @@ def export_explainer(
         saliency = graph.build_saliency(forward) if input_gradients else None
         head, left_out = graph.build_head(forward, tensors,
                                           contract.head_output_names(names))
+    if precision == contract.FLOAT16:
+        explainer, saliency, head = _to_float16(explainer, saliency, head, card)
     files = [(explainer, path)]
     _add_metadata(explainer, card.to_metadata(),
                   f"camserve explainer for {architecture} (graph contract v1)")
@@ -123,6 +133,17 @@ def export_explainer(
             stale.unlink()  # it belongs to an earlier export of this name
     return ExportResult(path, card, chosen_default, companion if saliency is not None else None,
                         head_path if head is not None else None, head_layers)
+
+
+def _to_float16(explainer: onnx.ModelProto, saliency: onnx.ModelProto | None,
+                head: onnx.ModelProto | None, card: ModelCard):
+    """The three graphs in float16 (gradient outputs through scaled seeds)."""
+    try:
+        return (fp16.to_float16(explainer, [layer.gradients for layer in card.layers]),
+                fp16.to_float16(saliency, [contract.INPUT_GRADIENTS]) if saliency else None,
+                fp16.to_float16(head) if head else None)
+    except fp16.PrecisionError as exc:
+        raise ExportError(f"cannot write this model in float16: {exc}") from exc
 
 
 def _add_metadata(model: onnx.ModelProto, metadata: dict[str, str], doc: str) -> None:

@@ -9,6 +9,11 @@ a model of its own: it is validated and attached to the model ``<stem>`` as
 ``ExplainerModel.saliency``, whose ``input_gradients`` and ``gradients_of`` run it. The head
 companion ``<stem>.head.onnx`` (activations -> logits per layer, written by every export) is
 attached the same way as ``ExplainerModel.head``; ``head_logits`` runs it.
+
+On the CUDA provider every run goes through onnxruntime's IO binding (``run_bound``): the
+host inputs are bound (copied to the GPU once, at binding), the outputs are allocated by
+onnxruntime on the GPU from its memory arena and copied to host NumPy arrays once, after
+the run. ``io_binding`` switches it on or off per model (default: on for CUDA only).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class ExplainerModel:
     saliency: ort.InferenceSession | None = None  # the <stem>.saliency.onnx companion
     head: ort.InferenceSession | None = None  # the <stem>.head.onnx companion
     head_layers: tuple[str, ...] = ()  # the layers it holds a head for
+    io_binding: bool = False  # run through onnxruntime IO binding (``run_bound``)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -74,17 +80,20 @@ class ExplainerModel:
         names = [contract.LOGITS, contract.CLASSES]
         for layer in chosen:
             names += [layer.activations, layer.gradients]
-        outputs = self.session.run(names, {contract.IMAGE: image, contract.TARGETS: targets})
+        outputs = self._run(self.session, names,
+                            {contract.IMAGE: image, contract.TARGETS: targets})
         per_layer = {layer.name: (outputs[2 + 2 * i], outputs[3 + 2 * i])
                      for i, layer in enumerate(chosen)}
         return outputs[0], outputs[1], per_layer
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """logits [S,N] of a batch float32 [S,3,H,W]; onnxruntime computes only what the
-        logits need (no gradients)."""
+        """logits [S,N] of a batch float32 [S,3,H,W] (for the top-1 class targets). Note that
+        onnxruntime's inference builds run the whole graph, gradients included, whatever the
+        fetches: with a batched head that adds a few per cent to a forward pass, with a head
+        run per sample in a Scan (convolutions after the layer) much more."""
         targets = np.full((len(batch), 1), -1, np.int64)
-        return self.session.run([contract.LOGITS], {contract.IMAGE: batch,
-                                                    contract.TARGETS: targets})[0]
+        return self._run(self.session, [contract.LOGITS], {contract.IMAGE: batch,
+                                                           contract.TARGETS: targets})[0]
 
     def input_gradients(self, images: np.ndarray, targets: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,8 +107,8 @@ class ExplainerModel:
                 f"model {self.name!r} was exported without --input-gradients: input-space "
                 f"attributions need its companion {self.name}.saliency.onnx (export it again "
                 "with 'camserve export ... --input-gradients')")
-        logits, classes, grads = self.saliency.run(
-            [contract.LOGITS, contract.CLASSES, contract.INPUT_GRADIENTS],
+        logits, classes, grads = self._run(
+            self.saliency, [contract.LOGITS, contract.CLASSES, contract.INPUT_GRADIENTS],
             {contract.IMAGE: images, contract.TARGETS: targets})
         return logits, classes, grads
 
@@ -131,7 +140,14 @@ class ExplainerModel:
                 feeds[item.activations] = np.zeros((0, *item.shape), np.float32)
         feeds[chosen.activations] = np.ascontiguousarray(activations, np.float32)
         output = names[self.card.layers.index(chosen)]
-        return self.head.run([output], feeds, _ONLY_FETCHES)[0]
+        return self._run(self.head, [output], feeds)[0]
+
+    def _run(self, session: ort.InferenceSession, names: list[str],
+             feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """``session.run(names, feeds)``, through IO binding when ``io_binding``."""
+        if self.io_binding:
+            return run_bound(session, names, feeds)
+        return session.run(names, feeds)
 
     def _no_head(self, layer: str) -> str:
         self.card.layer(layer)  # KeyError for an unknown layer
@@ -239,8 +255,32 @@ def _shape(value: onnx.ValueInfoProto) -> list[int]:
     return [d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
-_ONLY_FETCHES = ort.RunOptions()
-_ONLY_FETCHES.only_execute_path_to_fetches = True  # the other layers' heads get batch 0
+def run_bound(session: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray],
+              options: ort.RunOptions | None = None) -> list[np.ndarray]:
+    """What ``session.run(names, feeds, options)`` returns, run through IO binding.
+
+    Each feed (a host array of the input's dtype and shape, e.g. image float32 [B,3,H,W]) is
+    bound from host memory: onnxruntime copies it to the session's device once, when it is
+    bound. Each output in ``names`` is bound to that device without a buffer, so onnxruntime
+    allocates it there (from its arena) at the shape the run gives it; after the run all of
+    them are copied to new host arrays at once, in the order of ``names``. One binding per
+    call: concurrent calls share nothing but the session.
+    """
+    device, device_id = _device_of(session)
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name in names:
+        binding.bind_output(name, device, device_id)
+    session.run_with_iobinding(binding, options)
+    return binding.copy_outputs_to_cpu()
+
+
+def _device_of(session: ort.InferenceSession) -> tuple[str, int]:
+    """(IO binding device type, device id) of the provider the session runs on first."""
+    if session.get_providers()[0] == CUDA:
+        return "cuda", int(session.get_provider_options()[CUDA].get("device_id", 0))
+    return "cpu", 0
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -276,10 +316,14 @@ def open_session(path: Path, device: str, threads: int | None) -> tuple[ort.Infe
     return session, provider
 
 
-def load_model(path: Path, device: str = "auto", threads: int | None = None) -> ExplainerModel:
+def load_model(path: Path, device: str = "auto", threads: int | None = None,
+               io_binding: bool | None = None) -> ExplainerModel:
     """Validate and open one explainer file, with its saliency and head companions when they
-    lie next to it; raises ContractError for a file that isn't an explainer."""
-    return _open_model(Path(path), device, threads)
+    lie next to it; raises ContractError for a file that isn't an explainer.
+
+    ``io_binding`` (``ExplainerModel.io_binding``): None means on for the CUDA provider, off
+    for the CPU."""
+    return _open_model(Path(path), device, threads, io_binding)
 
 
 def _read(path: Path) -> onnx.ModelProto:
@@ -325,7 +369,8 @@ def _check(model: onnx.ModelProto, source: str) -> None:
                             f"{str(exc).strip().splitlines()[0]}") from exc
 
 
-def _open_model(path: Path, device: str, threads: int | None) -> ExplainerModel:
+def _open_model(path: Path, device: str, threads: int | None,
+                io_binding: bool | None = None) -> ExplainerModel:
     model = _read(path)
     owner = _companion_owner(model)
     if owner is not None:
@@ -336,7 +381,8 @@ def _open_model(path: Path, device: str, threads: int | None) -> ExplainerModel:
     del model
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     session, provider = open_session(path, device, threads)
-    loaded = ExplainerModel(path.stem, digest, card, session, provider)
+    loaded = ExplainerModel(path.stem, digest, card, session, provider,
+                            io_binding=provider == CUDA if io_binding is None else io_binding)
     companion = contract.companion_path(path)
     if companion.is_file():
         try:
@@ -381,13 +427,15 @@ def _open_companion(path: Path, kind: str, owner: ExplainerModel, device: str,
 
 
 def load_models(folder: Path, device: str = "auto", threads: int | None = None,
-                refused: list[str] | None = None) -> dict[str, ExplainerModel]:
+                refused: list[str] | None = None, io_binding: bool | None = None
+                ) -> dict[str, ExplainerModel]:
     """Every valid explainer in ``folder`` by file stem; invalid files are refused and logged
     (and, given a ``refused`` list, added to it as "file: why").
 
     Companions are attached to their models (``ExplainerModel.saliency``, ``.head``), not
     served on their own; one whose model is missing or refused is logged and ignored.
-    Raises CamserveError when the folder holds no usable model.
+    Raises CamserveError when the folder holds no usable model. ``io_binding`` as for
+    ``load_model``.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -397,7 +445,7 @@ def load_models(folder: Path, device: str = "auto", threads: int | None = None,
     companions: list[Path] = []
     for path in sorted(folder.glob("*.onnx")):
         try:
-            model = _open_model(path, device, threads)
+            model = _open_model(path, device, threads, io_binding)
         except CompanionFileError:
             companions.append(path)
             continue
