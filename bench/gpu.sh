@@ -35,8 +35,6 @@ say() { printf '[%4ds] %s\n' "$SECONDS" "$*"; }
 pack() {  # here: download and cut the wheels into .gpu/
   local py=${PYTHON:-$ROOT/.venv/bin/python} tmp
   tmp=$(mktemp -d)
-  local exclude; exclude=$(git -C "$ROOT" rev-parse --git-path info/exclude)
-  grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >>"$exclude"
   rm -rf "$PACK" && mkdir -p "$PACK/ort" "$PACK/whl"
   local platform=(--only-binary=:all: --python-version 3.12 --implementation cp
                   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64

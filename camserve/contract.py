@@ -276,6 +276,22 @@ class ModelCard:
             precision=precision,
         )
 
+    def fetches(self, layers: list[str]) -> list[str]:
+        """The explainer outputs to fetch for ``layers``: logits, classes, then per layer its
+        activations and gradients (``unpack`` reads them back). Raises KeyError for a layer
+        the card does not list."""
+        names = [LOGITS, CLASSES]
+        for layer in (self.layer(name) for name in layers):
+            names += [layer.activations, layer.gradients]
+        return names
+
+    def unpack(self, layers: list[str], values: list[Any]) -> tuple[Any, Any, dict[str, tuple]]:
+        """``fetches(layers)``'s values -> (logits, classes, {layer: (activations,
+        gradients)})."""
+        per_layer = {name: (values[2 + 2 * i], values[3 + 2 * i])
+                     for i, name in enumerate(layers)}
+        return values[0], values[1], per_layer
+
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
             if layer.name == name:

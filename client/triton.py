@@ -78,14 +78,7 @@ class TritonModel:
         """image float32 [B,3,H,W], targets int64 [B,K] -> (logits [B,N], classes [B,K],
         {layer: (activations [B,C,h,w], gradients [B,K,C,h,w])}), in runs of at most the
         model's ``max_batch_size`` images."""
-        chosen = [self.card.layer(name) for name in layers]
-        names = [contract.LOGITS, contract.CLASSES]
-        for layer in chosen:
-            names += [layer.activations, layer.gradients]
-        outputs = self._infer(image, targets, names)
-        per_layer = {layer.name: (outputs[2 + 2 * i], outputs[3 + 2 * i])
-                     for i, layer in enumerate(chosen)}
-        return outputs[0], outputs[1], per_layer
+        return self.card.unpack(layers, self._infer(image, targets, self.card.fetches(layers)))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """logits [S,N] of a batch float32 [S,3,H,W] (for the top-1 class targets)."""

@@ -76,15 +76,9 @@ class ExplainerModel:
             layers: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, tuple]]:
         """image float32 [B,3,H,W], targets int64 [B,K] -> (logits [B,N], classes [B,K],
         {layer: (activations [B,C,h,w], gradients [B,K,C,h,w])})."""
-        chosen = [self.card.layer(name) for name in layers]
-        names = [contract.LOGITS, contract.CLASSES]
-        for layer in chosen:
-            names += [layer.activations, layer.gradients]
-        outputs = self._run(self.session, names,
+        outputs = self._run(self.session, self.card.fetches(layers),
                             {contract.IMAGE: image, contract.TARGETS: targets})
-        per_layer = {layer.name: (outputs[2 + 2 * i], outputs[3 + 2 * i])
-                     for i, layer in enumerate(chosen)}
-        return outputs[0], outputs[1], per_layer
+        return self.card.unpack(layers, outputs)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """logits [S,N] of a batch float32 [S,3,H,W] (for the top-1 class targets). Note that
