@@ -30,6 +30,7 @@ from camserve.client.explanation import Explanation
 from camserve.client.sdk import DEFAULT_TIMEOUT, Client, explanations
 from camserve.contract import ContractError, ModelCard
 from camserve.errors import CamserveError
+from camserve.server import attributions
 from camserve.server.pipeline import Limits, Pipeline
 
 
@@ -150,6 +151,9 @@ class TritonClient:
         fails."""
         if not model:
             raise CamserveError("name the Triton model to explain with (model=...)")
+        if options.get("method") in attributions.METHODS:
+            raise CamserveError(f"{options['method']} needs the saliency companion graph, which "
+                                "a Triton entry does not hold: use 'camserve serve'")
         request = Client.request(image, model=model, **options)
         return explanations(self._pipeline.explain(request, self.model(model, version)))
 

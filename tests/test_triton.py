@@ -155,6 +155,8 @@ def test_triton_model_card_and_index(triton, models_dir):
 def test_refusals_are_readable(triton):
     with pytest.raises(CamserveError, match="ablationcam runs the head companion"):
         triton.explain(CAT, model="tiny", method="ablationcam")
+    with pytest.raises(CamserveError, match="integrated_gradients needs the saliency companion"):
+        triton.explain(CAT, model="tiny", method="integrated_gradients")
     with pytest.raises(CamserveError, match="class index 10 is out of range"):
         triton.explain(CAT, model="tiny", targets=[10])
     with pytest.raises(CamserveError, match="unknown method .nope."):
