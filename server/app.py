@@ -5,6 +5,12 @@ Lifecycle: ``start`` loads and warms up every model before health says SERVING.
 UNAVAILABLE, lets the calls in flight finish within the grace period and then closes the
 batchers. ``RunningServer.reload`` (the ReloadModels RPC, SIGHUP) loads the models folder
 again and swaps the new set in; calls in flight finish on the models they started with.
+
+Health is also served on the main port, where it shares the worker threads and the
+``workers + max_queue`` call limit with Explain: a saturated server refuses health checks
+there (RESOURCE_EXHAUSTED), and a proxy or orchestrator would take every saturated replica
+out at once. ``health_port`` serves grpc.health.v1 alone on a second, plaintext port with
+threads of its own, so probes pointed there see the true status under any load.
 """
 
 from __future__ import annotations
@@ -67,6 +73,11 @@ class ServerConfig:
     grace_seconds: float = 10.0  # on stop: how long calls in flight may take to finish
     max_queue: int = 64  # calls waiting for a worker; beyond: RESOURCE_EXHAUSTED at once
     metrics_port: int | None = None  # Prometheus exporter on host:port (0: any free port)
+    health_port: int | None = None  # grpc.health.v1 alone, plaintext (0: any free port)
+
+
+class PortError(CamserveError, OSError):
+    """A port the server was asked to listen on cannot be bound."""
 
 
 SETTLE_SECONDS = 0.1  # on stop: quiet time that proves no admitted call is still queued
@@ -197,6 +208,8 @@ class RunningServer:
         self.config = config
         self._gate = gate
         self.metrics_port: int | None = None  # set when the Prometheus exporter runs
+        self.health_port: int | None = None  # set when the health-only server runs
+        self.health_server: grpc.Server | None = None
         self._reload_lock = threading.Lock()  # one reload at a time
         self._state_lock = threading.Lock()  # swap vs stop
         self._stopping = False
@@ -298,6 +311,8 @@ class RunningServer:
             batchers = list(self.service.batchers.values()) + self._retiring
         for batcher in batchers:
             batcher.close()
+        if self.health_server is not None:  # NOT_SERVING on it until the very end
+            self.health_server.stop(None).wait()
 
     def hurry(self) -> None:
         """Make a ``stop`` in progress cancel the calls still in flight now."""
@@ -384,8 +399,17 @@ def start(config: ServerConfig) -> RunningServer:
     if port == 0:
         for batcher in batchers.values():
             batcher.close()
-        raise OSError(f"cannot bind {address}{reason}")
+        raise PortError(f"cannot bind {address}{reason}: is another server using the port?")
     running = RunningServer(server, port, health_servicer, service, config, gate)
+    if config.health_port is not None:
+        try:
+            running.health_server, running.health_port = _health_server(
+                health_servicer, config.host, config.health_port)
+        except OSError:
+            for batcher in batchers.values():
+                batcher.close()
+            raise
+        log.info("health only on %s:%d (plaintext)", config.host, running.health_port)
     if config.metrics_port is not None:
         running.metrics_port = metrics.serve(config.metrics_port, config.host)
         log.info("metrics on http://%s:%d/metrics", config.host, running.metrics_port)
@@ -399,9 +423,33 @@ def start(config: ServerConfig) -> RunningServer:
     return running
 
 
+HEALTH_WORKERS = 2  # health checks are answered from memory; two threads keep up
+
+
+def _health_server(servicer: health.HealthServicer, host: str,
+                   port: int) -> tuple[grpc.Server, int]:
+    """A second gRPC server answering grpc.health.v1 only, with threads and no call limit of
+    its own (the main server's limit refuses health checks when it is saturated)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS,
+                                                    thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise PortError(f"cannot bind the health port {address} ({exc})") from None
+    if bound == 0:
+        raise PortError(f"cannot bind the health port {address}: is another server using "
+                        "the port?")
+    server.start()
+    return server, bound
+
+
 def serve_forever(config: ServerConfig) -> None:
     """Run until SIGINT or SIGTERM, then stop gracefully; SIGHUP reloads the models."""
     running = start(config)
+    if running.health_port is not None:
+        print(f"camserve health on {config.host}:{running.health_port}", flush=True)
     print(f"camserve listening on {config.host}:{running.port}", flush=True)
     received: queue.SimpleQueue[int] = queue.SimpleQueue()
     stopping = threading.Event()

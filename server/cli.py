@@ -44,6 +44,10 @@ def add_parser(subparsers) -> None:
                         "at once (default 64)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port (same host)")
+    p.add_argument("--health-port", type=int, default=None,
+                   help="also serve grpc.health.v1 alone on this port (same host, plaintext, "
+                        "threads of its own): probes there are answered even when the main "
+                        "port is saturated and refuses calls")
     p.add_argument("--grace-seconds", type=float, default=10.0,
                    help="on SIGTERM/SIGINT: how long calls in flight may take to finish "
                         "(default 10); SIGHUP reloads the models folder")
@@ -64,5 +68,6 @@ def run(args: argparse.Namespace) -> int:
                                tls_client_ca=args.tls_client_ca,
                                auth_token_file=args.auth_token_file,
                                grace_seconds=args.grace_seconds, workers=args.workers,
-                               max_queue=args.max_queue, metrics_port=args.metrics_port))
+                               max_queue=args.max_queue, metrics_port=args.metrics_port,
+                               health_port=args.health_port))
     return 0

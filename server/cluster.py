@@ -43,6 +43,7 @@ log = logging.getLogger("camserve.cluster")
 
 REPLICA_HOST = "127.0.0.1"  # replicas are reached through Envoy only
 LISTENING = re.compile(r"camserve listening on \S+:(\d+)\s*$")
+HEALTH_LISTENING = re.compile(r"camserve health on \S+:(\d+)\s*$")
 BACKOFF_FIRST_S = 0.5  # first restart delay; doubles per failure in a row, up to BACKOFF_MAX_S
 BACKOFF_MAX_S = 30.0
 STABLE_S = 30.0  # a child that ran this long before exiting starts a new series of delays
@@ -197,6 +198,7 @@ class Replica(Child):
         super().__init__(f"replica {index}", sink)
         self.index = index
         self.port = 0  # known once the first start printed it
+        self.health_port = 0  # its health-only port (``serve --health-port``), likewise
         self.metrics_port = (config.metrics_port_base + index
                              if config.metrics_port_base is not None else None)
         self.listening = threading.Event()
@@ -207,13 +209,16 @@ class Replica(Child):
         return f"{REPLICA_HOST}:{self.port}"
 
     def argv(self) -> list[str]:
-        return serve_argv(self._config, self.port, self.metrics_port)
+        return serve_argv(self._config, self.port, self.metrics_port, self.health_port)
 
     def spawn(self) -> None:
         self.listening.clear()
         super().spawn()
 
     def on_line(self, line: str) -> None:
+        health = HEALTH_LISTENING.search(line)  # printed before the LISTENING line
+        if health:
+            self.health_port = int(health.group(1))
         found = LISTENING.search(line)
         if found:
             self.port = int(found.group(1))
@@ -249,10 +254,13 @@ class EnvoyProcess(Child):
         return text or None
 
 
-def serve_argv(config: ClusterConfig, port: int, metrics_port: int | None) -> list[str]:
-    """The command line of one replica."""
+def serve_argv(config: ClusterConfig, port: int, metrics_port: int | None,
+               health_port: int = 0) -> list[str]:
+    """The command line of one replica (Envoy checks its health on ``--health-port``, which
+    it answers even when saturated)."""
     argv = [sys.executable, "-m", "camserve", "serve", "--models", str(config.models),
-            "--host", REPLICA_HOST, "--port", str(port), "--device", config.device,
+            "--host", REPLICA_HOST, "--port", str(port), "--health-port", str(health_port),
+            "--device", config.device,
             "--workers", str(config.workers), "--max-queue", str(config.max_queue),
             "--max-batch-size", str(config.max_batch_size),
             "--max-queue-delay-ms", f"{config.max_queue_delay_ms:g}",
@@ -560,7 +568,8 @@ def _write_envoy_config(path: Path, replicas: list[Replica], host: str, port: in
                         admin_port: int, config: ClusterConfig) -> None:
     bootstrap = envoy_config.bootstrap([r.address for r in replicas], listen_host=host,
                                        listen_port=port, admin_port=admin_port,
-                                       num_retries=config.num_retries)
+                                       num_retries=config.num_retries,
+                                       health_ports=[r.health_port for r in replicas])
     path.write_text(envoy_config.render(bootstrap))
 
 

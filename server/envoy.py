@@ -107,10 +107,14 @@ def retry_policy(num_retries: int) -> dict[str, Any]:
     }
 
 
-def upstream_cluster(replicas: Sequence[str], health: dict[str, Any]) -> dict[str, Any]:
+def upstream_cluster(replicas: Sequence[str], health: dict[str, Any],
+                     health_ports: Sequence[int | None] | None = None) -> dict[str, Any]:
     """The replicas as one cluster: STATIC for IP addresses, STRICT_DNS when a name needs
-    resolving (every address a name resolves to becomes a replica)."""
+    resolving (every address a name resolves to becomes a replica). ``health_ports[i]``, when
+    given, is the port replica i answers health checks on (``camserve serve --health-port``,
+    which a saturated replica still answers); else its gRPC port."""
     endpoints = [split_address(address) for address in replicas]
+    ports = list(health_ports) if health_ports is not None else [None] * len(endpoints)
     static = all(_is_ip(host) for host, _ in endpoints)
     cluster: dict[str, Any] = {
         "name": CLUSTER,
@@ -118,7 +122,8 @@ def upstream_cluster(replicas: Sequence[str], health: dict[str, Any]) -> dict[st
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
         "load_assignment": {"cluster_name": CLUSTER, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": _socket(host, port)}} for host, port in endpoints]}]},
+            {"endpoint": _endpoint(host, port, health_port)}
+            for (host, port), health_port in zip(endpoints, ports)]}]},
         "typed_extension_protocol_options": {_UPSTREAM_HTTP: {
             "@type": f"type.googleapis.com/{_UPSTREAM_HTTP}",
             "explicit_http_config": {"http2_protocol_options": {}}}},
@@ -178,16 +183,29 @@ def listener(listen_host: str, listen_port: int, num_retries: int,
     }
 
 
+def _endpoint(host: str, port: int, health_port: int | None) -> dict[str, Any]:
+    endpoint: dict[str, Any] = {"address": _socket(host, port)}
+    if health_port is not None:
+        endpoint["health_check_config"] = {"port_value": health_port}
+    return endpoint
+
+
 def bootstrap(replicas: Sequence[str], *, listen_host: str = "127.0.0.1",
               listen_port: int = 50050, admin_port: int = 9901, num_retries: int = 2,
               health_interval_s: float = 1.0,
+              health_ports: Sequence[int | None] | None = None,
               max_message_bytes: int = MAX_MESSAGE_BYTES,
               max_connections: int = 10_000) -> dict[str, Any]:
     """Envoy's bootstrap configuration for ``replicas`` ("host:port" each) behind one gRPC
     listener on ``listen_host:listen_port`` (port 0: any free port), the admin interface on
-    127.0.0.1:``admin_port`` (0: any free port)."""
+    127.0.0.1:``admin_port`` (0: any free port); ``health_ports`` as for
+    ``upstream_cluster``."""
     if not replicas:
         raise CamserveError("at least one replica address is needed")
+    if health_ports is not None and (
+            len(health_ports) != len(replicas)
+            or any(p is not None and not 0 < p < 65536 for p in health_ports)):
+        raise CamserveError("give one health port (1..65535) per replica")
     if not 0 <= listen_port < 65536 or not 0 <= admin_port < 65536:
         raise CamserveError("ports must be within 0..65535")
     if num_retries < 0:
@@ -196,7 +214,8 @@ def bootstrap(replicas: Sequence[str], *, listen_host: str = "127.0.0.1",
         "admin": {"address": _socket(ADMIN_HOST, admin_port)},
         "static_resources": {
             "listeners": [listener(listen_host, listen_port, num_retries, max_message_bytes)],
-            "clusters": [upstream_cluster(replicas, health_check(health_interval_s))],
+            "clusters": [upstream_cluster(replicas, health_check(health_interval_s),
+                                          health_ports)],
         },
         "overload_manager": {"resource_monitors": [{
             "name": "envoy.resource_monitors.global_downstream_max_connections",
@@ -223,10 +242,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="admin port, always on 127.0.0.1 (default 9901)")
     parser.add_argument("--retries", type=int, default=2,
                         help="most retries of one call, each on another replica (default 2)")
+    parser.add_argument("--health-port", type=int, default=None,
+                        help="the replicas answer health checks on this port (their "
+                             "'camserve serve --health-port'; default: their gRPC port, "
+                             "where a saturated replica refuses them)")
     args = parser.parse_args(argv)
     try:
+        health_ports = (None if args.health_port is None
+                        else [args.health_port] * len(args.replicas))
         config = bootstrap(args.replicas, listen_host=args.host, listen_port=args.port,
-                           admin_port=args.admin_port, num_retries=args.retries)
+                           admin_port=args.admin_port, num_retries=args.retries,
+                           health_ports=health_ports)
     except CamserveError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -103,6 +103,22 @@ def test_envoy_config_has_what_the_replicas_need(tmp_path):
         envoy.bootstrap(["127.0.0.1"])
 
 
+def _endpoints(config: dict) -> list[dict]:
+    assignment = config["static_resources"]["clusters"][0]["load_assignment"]
+    return [e["endpoint"] for e in assignment["endpoints"][0]["lb_endpoints"]]
+
+
+def test_envoy_checks_health_where_the_replicas_answer_it(capsys):
+    endpoints = _endpoints
+    plain = envoy.bootstrap(EXAMPLE_REPLICAS)
+    assert all("health_check_config" not in e for e in endpoints(plain))
+    assert envoy.main([*EXAMPLE_REPLICAS, "--health-port", "50060"]) == 0
+    rendered = json.loads(capsys.readouterr().out)
+    assert [e["health_check_config"]["port_value"] for e in endpoints(rendered)] == [50060] * 3
+    with pytest.raises(CamserveError, match="one health port"):
+        envoy.bootstrap(EXAMPLE_REPLICAS, health_ports=[50060])
+
+
 # --- three replicas under load --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster(models_dir, tmp_path_factory):
@@ -238,6 +254,53 @@ def test_messages_up_to_the_servers_limit_pass_and_larger_ones_are_refused_once(
     # too large to keep for a retry: passed on once, not tried on every replica
     assert _envoy_counter(cluster, "cluster.camserve.retry_or_shadow_abandoned") \
         == abandoned + 1
+
+
+# --- overload ---------------------------------------------------------------------------------
+def test_saturated_replicas_shed_load_but_stay_healthy(models_dir, tmp_path, monkeypatch):
+    """Replicas with one call slot each, 24 clients: the excess is refused with
+    RESOURCE_EXHAUSTED, but Envoy checks health on the replicas' health-only ports, which
+    answer under any load, so it never takes a saturated replica out (on the main port the
+    health checks were refused too, and every replica went unhealthy at once)."""
+    _no_client_retries(monkeypatch)
+    with (tmp_path / "children.log").open("w") as output:
+        running = start_cluster(ClusterConfig(
+            models=models_dir, replicas=2, port=0, device="cpu", intra_op_threads=1,
+            workers=1, max_queue=1, default_model="tiny", grace_seconds=2, output=output))
+        try:
+            assert all(r.health_port not in (0, r.port) for r in running.replicas)
+            codes: dict[str, int] = {}
+            unhealthy: list[dict] = []
+            lock = threading.Lock()
+            stop = time.monotonic() + 6
+
+            def client_loop() -> None:
+                with Client(running.address, timeout=30) as client:
+                    while time.monotonic() < stop:
+                        try:
+                            client.explain(PHOTOS[1], targets=[2], noise_samples=16)
+                            code = "OK"
+                        except grpc.RpcError as exc:
+                            code = exc.code().name
+                        with lock:
+                            codes[code] = codes.get(code, 0) + 1
+
+            threads = [threading.Thread(target=client_loop) for _ in range(24)]
+            for thread in threads:
+                thread.start()
+            while time.monotonic() < stop:
+                health = {a: s["healthy"] for a, s in running.host_stats().items()}
+                if not all(health.values()):
+                    unhealthy.append(health)
+                time.sleep(0.25)
+            for thread in threads:
+                thread.join(60)
+        finally:
+            running.stop()
+    print(f"\noverload: outcomes {codes}")
+    assert codes.get("RESOURCE_EXHAUSTED", 0) > 0 and codes.get("OK", 0) > 0, codes
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    assert not unhealthy, unhealthy[:3]
 
 
 # --- the command ----------------------------------------------------------------------------

@@ -246,11 +246,14 @@ def test_probes_ports_and_metrics_annotations_agree(deployment) -> None:
     grpc_port = _port(container, "grpc")
     assert grpc_port == args.port
     assert _port(container, "metrics") == args.metrics_port
+    # probes go to the health-only port: on the gRPC port a saturated pod refuses them
+    health_port = _port(container, "health")
+    assert health_port == args.health_port != grpc_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert probe in container, f"{probe} missing"
         action = container[probe].get("grpc")
         assert action, f"{probe}: use the native gRPC probe (grpc.health.v1)"
-        assert action["port"] == grpc_port, f"{probe} checks port {action['port']}"
+        assert action["port"] == health_port, f"{probe} checks port {action['port']}"
         # the server registers health for "" and the Explainer service (server/app.py)
         assert action.get("service", "") in ("", EXPLAINER_SERVICE), probe
     assert container["readinessProbe"]["grpc"].get("service") == EXPLAINER_SERVICE

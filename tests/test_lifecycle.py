@@ -8,6 +8,7 @@ import queue
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -319,3 +320,50 @@ def test_sighup_reloads_the_models_folder(folder, spawn, tmp_path):
     log = server.log.read_text()
     assert "SIGHUP: reloading" in log and "reloaded: serving tiny, tiny2, tiny3" in log
     assert token not in log and token not in server.process.stdout.read()
+
+
+# --- health under saturation ------------------------------------------------------------------
+def test_health_port_answers_when_the_server_is_saturated(models_dir):
+    """With every call slot taken (workers 1, no queue: one open stream), the main port
+    refuses even health checks (RESOURCE_EXHAUSTED), which would make a proxy take every
+    saturated replica out; ``--health-port`` still answers SERVING, and NOT_SERVING on stop."""
+    running = start(ServerConfig(models=models_dir, port=0, device="cpu", intra_op_threads=1,
+                                 workers=1, max_queue=0, health_port=0))
+    main = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    health_only = grpc.insecure_channel(f"127.0.0.1:{running.health_port}")
+    try:
+        assert running.health_port not in (None, 0, running.port)
+        assert _health(main) == _health(health_only) == SERVING
+        stream = Stream(pb_grpc.ExplainerStub(main))
+        assert stream.send("holds the only slot").targets  # the stream is running now
+        with pytest.raises(grpc.RpcError) as refused:
+            _health(main)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert _health(health_only) == SERVING
+        with pytest.raises(grpc.RpcError) as other:  # the health port serves nothing else
+            pb_grpc.ExplainerStub(health_only).ListModels(pb.ListModelsRequest(), timeout=5)
+        assert other.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        stream.close()
+        stopping = threading.Thread(target=running.stop, kwargs={"grace": 5})
+        stopping.start()
+        _wait_for(lambda: _health(health_only) == NOT_SERVING, 5, "NOT_SERVING on stop")
+        stopping.join(10)
+    finally:
+        main.close()
+        health_only.close()
+        running.stop(grace=0)
+
+
+def test_health_port_that_is_taken_is_one_error_line(models_dir, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "camserve", "serve", "--models", str(models_dir),
+             "--port", "0", "--health-port", str(port), "--device", "cpu"],
+            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("camserve serve: error: cannot bind the health port 127.0.0.1:")
+    assert "Traceback" not in result.stderr
