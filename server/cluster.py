@@ -69,6 +69,9 @@ class ClusterConfig:
     max_queue: int = 64
     default_model: str | None = None
     auth_token_file: Path | None = None
+    tls_cert: Path | None = None  # with tls_key: Envoy's listener serves TLS only
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # callers need a certificate it signed (mutual TLS)
     metrics_port_base: int | None = None  # replica i serves Prometheus metrics on base + i
     grace_seconds: float = 10.0
     num_retries: int = 2  # Envoy's retries of one call, each on another replica
@@ -348,6 +351,7 @@ def check(config: ClusterConfig) -> tuple[str, Path]:
         raise CamserveError(f"no explainer graph (*.onnx) in {str(folder)!r}; export one with "
                             "'camserve export --out DIR'")
     host = _listen_ip(config.host)
+    envoy_config.listener_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
     _check_port_number(config.port, "--port")
     _check_port_number(config.admin_port, "--admin-port")
     binary = find_envoy(config.envoy)
@@ -543,6 +547,32 @@ def _await_envoy(envoy: EnvoyProcess, deadline: float) -> str:
         time.sleep(0.1)
 
 
+def _await_serving_through(envoy: EnvoyProcess, admin: str, address: str,
+                           config: ClusterConfig, deadline: float) -> None:
+    """Wait until a health call through Envoy's listener is answered SERVING. With TLS on
+    the listener (whose CA this process may not have) Envoy's own view stands in: a replica
+    it has found healthy, which is what answers such a call."""
+    if config.tls_cert is None:
+        from camserve.client import Client
+
+        with Client(address, timeout=2.0) as client:
+            if client.wait_until_serving(max(0.0, deadline - time.monotonic()), envoy.alive):
+                return
+        raise CamserveError(f"no health SERVING through Envoy on {address}: "
+                            f"{envoy.last_words()}")
+    while envoy.alive() and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{admin}/clusters?format=json",
+                                        timeout=2) as response:
+                hosts = parse_host_stats(json.loads(response.read().decode()))
+            if any(stats["healthy"] for stats in hosts.values()):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise CamserveError(f"Envoy on {address} found no healthy replica: {envoy.last_words()}")
+
+
 def _listener_port(admin: str) -> int:
     """The port Envoy's gRPC listener is bound to (asked of the admin interface)."""
     with urllib.request.urlopen(f"http://{admin}/listeners?format=json", timeout=5) as response:
@@ -569,7 +599,10 @@ def _write_envoy_config(path: Path, replicas: list[Replica], host: str, port: in
     bootstrap = envoy_config.bootstrap([r.address for r in replicas], listen_host=host,
                                        listen_port=port, admin_port=admin_port,
                                        num_retries=config.num_retries,
-                                       health_ports=[r.health_port for r in replicas])
+                                       health_ports=[r.health_port for r in replicas],
+                                       tls=envoy_config.listener_tls(
+                                           config.tls_cert, config.tls_key,
+                                           config.tls_client_ca))
     path.write_text(envoy_config.render(bootstrap))
 
 
@@ -598,13 +631,7 @@ def start_cluster(config: ClusterConfig) -> RunningCluster:
         # a restarted Envoy comes back on the ports this one got
         _write_envoy_config(envoy.config_path, replicas, host, port, admin_port, config)
         address = f"{_client_host(host)}:{port}"
-        from camserve.client import Client
-
-        with Client(address, timeout=2.0) as client:
-            if not client.wait_until_serving(max(0.0, deadline - time.monotonic()),
-                                             envoy.alive):
-                raise CamserveError(f"no health SERVING through Envoy on {address}: "
-                                    f"{envoy.last_words()}")
+        _await_serving_through(envoy, admin, address, config, deadline)
     except BaseException:
         for child in [*replicas, envoy]:
             child.kill()
@@ -613,9 +640,10 @@ def start_cluster(config: ClusterConfig) -> RunningCluster:
         raise
     log.info("Envoy on %s (pid %d), admin on http://%s/ (loopback only); config %s", address,
              envoy.pid, admin, envoy.config_path)
-    if not ipaddress.ip_address(host).is_loopback:
-        log.warning("Envoy serves plaintext gRPC on %s: anyone on the network can call it%s",
-                    host, "" if config.auth_token_file else "; consider --auth-token-file")
+    if not ipaddress.ip_address(host).is_loopback and config.tls_cert is None:
+        log.warning("Envoy serves plaintext gRPC on %s: anyone on the network can call it; "
+                    "consider --tls-cert/--tls-key%s", host,
+                    "" if config.auth_token_file else " and --auth-token-file")
     running = RunningCluster(replace(config, port=port, admin_port=admin_port), replicas, envoy,
                              address, workdir)
     running.supervise()

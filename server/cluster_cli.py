@@ -31,6 +31,12 @@ def add_parser(subparsers) -> None:
                         "PATH)")
     p.add_argument("--retries", type=int, default=2,
                    help="Envoy's retries of a refused call, each on another replica (default 2)")
+    tls = p.add_argument_group("security of the cluster's address (Envoy's listener)")
+    tls.add_argument("--tls-cert", type=Path, metavar="FILE",
+                     help="PEM certificate (chain); with --tls-key, Envoy serves TLS only")
+    tls.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    tls.add_argument("--tls-client-ca", type=Path, metavar="FILE",
+                     help="PEM CA: callers must show a certificate it signed (mutual TLS)")
     replica = p.add_argument_group("replicas (options of camserve serve)")
     replica.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     replica.add_argument("--intra-op-threads", type=int, default=None,
@@ -62,7 +68,8 @@ def config_from(args: argparse.Namespace):
         max_queue_delay_ms=args.max_queue_delay_ms, workers=args.workers,
         max_queue=args.max_queue, default_model=args.default_model,
         auth_token_file=args.auth_token_file, metrics_port_base=args.metrics_port_base,
-        grace_seconds=args.grace_seconds)
+        grace_seconds=args.grace_seconds, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca)
 
 
 def _interrupt(signum, _frame) -> None:

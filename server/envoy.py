@@ -25,6 +25,8 @@ import argparse
 import ipaddress
 import json
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from camserve.errors import CamserveError
@@ -46,6 +48,8 @@ _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _UPSTREAM_HTTP = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _PREVIOUS_HOSTS = ("type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3."
                    "PreviousHostsPredicate")
+_DOWNSTREAM_TLS = ("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                   "DownstreamTlsContext")
 _CONNECTIONS_MONITOR = ("type.googleapis.com/envoy.extensions.resource_monitors."
                         "downstream_connections.v3.DownstreamConnectionsConfig")
 
@@ -150,9 +154,32 @@ def upstream_cluster(replicas: Sequence[str], health: dict[str, Any],
     return cluster
 
 
+@dataclass(frozen=True)
+class ListenerTls:
+    """PEM files for TLS on the listener: ``cert`` (chain) and ``key``; with ``client_ca``,
+    callers must show a certificate it signed (mutual TLS). Envoy reads them at start."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def transport_socket(self) -> dict[str, Any]:
+        context: dict[str, Any] = {
+            "tls_certificates": [{"certificate_chain": {"filename": str(self.cert)},
+                                  "private_key": {"filename": str(self.key)}}],
+            "alpn_protocols": ["h2"],  # gRPC
+        }
+        tls: dict[str, Any] = {"@type": _DOWNSTREAM_TLS, "common_tls_context": context}
+        if self.client_ca is not None:
+            context["validation_context"] = {"trusted_ca": {"filename": str(self.client_ca)}}
+            tls["require_client_certificate"] = True
+        return {"name": "envoy.transport_sockets.tls", "typed_config": tls}
+
+
 def listener(listen_host: str, listen_port: int, num_retries: int,
-             max_message_bytes: int) -> dict[str, Any]:
-    """The gRPC listener: every call goes to the replicas, with the caller's deadline."""
+             max_message_bytes: int, tls: ListenerTls | None = None) -> dict[str, Any]:
+    """The gRPC listener: every call goes to the replicas, with the caller's deadline;
+    TLS-only with ``tls``."""
     route = {
         "match": {"prefix": "/"},
         "route": {
@@ -175,11 +202,14 @@ def listener(listen_host: str, listen_port: int, num_retries: int,
         "http_filters": [{"name": "envoy.filters.http.router",
                           "typed_config": {"@type": _ROUTER}}],
     }
+    chain: dict[str, Any] = {"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                          "typed_config": manager}]}
+    if tls is not None:
+        chain["transport_socket"] = tls.transport_socket()
     return {
         "name": "camserve_grpc",
         "address": _socket(listen_host, listen_port),
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                        "typed_config": manager}]}],
+        "filter_chains": [chain],
     }
 
 
@@ -194,12 +224,13 @@ def bootstrap(replicas: Sequence[str], *, listen_host: str = "127.0.0.1",
               listen_port: int = 50050, admin_port: int = 9901, num_retries: int = 2,
               health_interval_s: float = 1.0,
               health_ports: Sequence[int | None] | None = None,
+              tls: ListenerTls | None = None,
               max_message_bytes: int = MAX_MESSAGE_BYTES,
               max_connections: int = 10_000) -> dict[str, Any]:
     """Envoy's bootstrap configuration for ``replicas`` ("host:port" each) behind one gRPC
-    listener on ``listen_host:listen_port`` (port 0: any free port), the admin interface on
-    127.0.0.1:``admin_port`` (0: any free port); ``health_ports`` as for
-    ``upstream_cluster``."""
+    listener on ``listen_host:listen_port`` (port 0: any free port; TLS-only with ``tls``),
+    the admin interface on 127.0.0.1:``admin_port`` (0: any free port); ``health_ports`` as
+    for ``upstream_cluster``."""
     if not replicas:
         raise CamserveError("at least one replica address is needed")
     if health_ports is not None and (
@@ -213,7 +244,8 @@ def bootstrap(replicas: Sequence[str], *, listen_host: str = "127.0.0.1",
     return {
         "admin": {"address": _socket(ADMIN_HOST, admin_port)},
         "static_resources": {
-            "listeners": [listener(listen_host, listen_port, num_retries, max_message_bytes)],
+            "listeners": [listener(listen_host, listen_port, num_retries, max_message_bytes,
+                                   tls)],
             "clusters": [upstream_cluster(replicas, health_check(health_interval_s),
                                           health_ports)],
         },
@@ -222,6 +254,23 @@ def bootstrap(replicas: Sequence[str], *, listen_host: str = "127.0.0.1",
             "typed_config": {"@type": _CONNECTIONS_MONITOR,
                              "max_active_downstream_connections": max_connections}}]},
     }
+
+
+def listener_tls(cert: Path | None, key: Path | None,
+                 client_ca: Path | None = None) -> ListenerTls | None:
+    """``ListenerTls`` from the --tls-* options (None without them), with absolute paths of
+    files that exist; CamserveError for an incomplete or unreadable set."""
+    if cert is None and key is None and client_ca is None:
+        return None
+    if cert is None or key is None:
+        raise CamserveError("TLS needs both --tls-cert and --tls-key"
+                            + (" (--tls-client-ca is mutual TLS on top)" if client_ca else ""))
+    files = {"--tls-cert": cert, "--tls-key": key, "--tls-client-ca": client_ca}
+    for flag, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise CamserveError(f"{flag} {str(path)!r} is not a readable file")
+    return ListenerTls(Path(cert).resolve(), Path(key).resolve(),
+                       Path(client_ca).resolve() if client_ca is not None else None)
 
 
 def render(config: dict[str, Any]) -> str:
@@ -246,13 +295,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the replicas answer health checks on this port (their "
                              "'camserve serve --health-port'; default: their gRPC port, "
                              "where a saturated replica refuses them)")
+    parser.add_argument("--tls-cert", type=Path, metavar="FILE",
+                        help="PEM certificate (chain) for TLS on the listener, with --tls-key")
+    parser.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM key of --tls-cert")
+    parser.add_argument("--tls-client-ca", type=Path, metavar="FILE",
+                        help="PEM CA: callers must show a certificate it signed (mutual TLS)")
     args = parser.parse_args(argv)
     try:
         health_ports = (None if args.health_port is None
                         else [args.health_port] * len(args.replicas))
         config = bootstrap(args.replicas, listen_host=args.host, listen_port=args.port,
                            admin_port=args.admin_port, num_retries=args.retries,
-                           health_ports=health_ports)
+                           health_ports=health_ports,
+                           tls=listener_tls(args.tls_cert, args.tls_key, args.tls_client_ca))
     except CamserveError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

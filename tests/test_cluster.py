@@ -303,6 +303,55 @@ def test_saturated_replicas_shed_load_but_stay_healthy(models_dir, tmp_path, mon
     assert not unhealthy, unhealthy[:3]
 
 
+# --- TLS at the cluster's address -------------------------------------------------------------
+def test_rendered_tls_listener_is_valid_envoy(pki, tmp_path, capsys):
+    argv = [*EXAMPLE_REPLICAS, "--tls-cert", str(pki["server_cert"]), "--tls-key",
+            str(pki["server_key"]), "--tls-client-ca", str(pki["ca"])]
+    assert envoy.main(argv) == 0
+    rendered = capsys.readouterr().out
+    socket_ = json.loads(rendered)["static_resources"]["listeners"][0]["filter_chains"][0][
+        "transport_socket"]
+    assert socket_["typed_config"]["require_client_certificate"] is True
+    path = tmp_path / "tls.json"
+    path.write_text(rendered)
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert envoy.main([*EXAMPLE_REPLICAS, "--tls-key", str(pki["server_key"])]) == 2
+    assert "TLS needs both" in capsys.readouterr().err
+
+
+def _list_models(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.StatusCode:
+    with (grpc.secure_channel(address, credentials) if credentials
+          else grpc.insecure_channel(address)) as channel:
+        try:
+            channel.unary_unary("/camserve.v1.Explainer/ListModels")(b"", timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+
+def test_cluster_serves_mutual_tls_only(models_dir, pki, tmp_path):
+    """--tls-cert/--tls-key/--tls-client-ca: Envoy's listener speaks mutual TLS only; the
+    replicas behind it stay on loopback."""
+    with (tmp_path / "children.log").open("w") as output:
+        running = start_cluster(ClusterConfig(
+            models=models_dir, replicas=1, port=0, device="cpu", intra_op_threads=1,
+            default_model="tiny", grace_seconds=2, output=output, tls_cert=pki["server_cert"],
+            tls_key=pki["server_key"], tls_client_ca=pki["ca"]))
+        try:
+            ca = pki["ca"].read_bytes()
+            client_cert = grpc.ssl_channel_credentials(
+                ca, pki["client_key"].read_bytes(), pki["client_cert"].read_bytes())
+            with Client(running.address, credentials=client_cert, timeout=30) as client:
+                assert client.explain(PHOTOS[0], targets=[3])[0].class_index == 3
+            assert _list_models(running.address, client_cert) == grpc.StatusCode.OK
+            no_cert = grpc.ssl_channel_credentials(ca)
+            assert _list_models(running.address, no_cert) == grpc.StatusCode.UNAVAILABLE
+            assert _list_models(running.address, None) == grpc.StatusCode.UNAVAILABLE
+        finally:
+            running.stop()
+
+
 # --- the command ----------------------------------------------------------------------------
 def test_cluster_command_prints_its_address_and_exits_0_on_sigterm(models_dir, tmp_path):
     log = tmp_path / "cluster.log"
@@ -357,6 +406,9 @@ def busy_port():
     (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy} for Envoy"),
     (["--envoy", "{empty}/envoy"], "no executable Envoy binary at"),
     (["--host", "example.com"], "is not an IP address"),
+    (["--tls-cert", "{empty}"], "TLS needs both --tls-cert and --tls-key"),
+    (["--tls-cert", "{empty}/none.crt", "--tls-key", "{empty}/none.key"],
+     "--tls-cert '{empty}/none.crt' is not a readable file"),
 ])
 def test_cluster_errors_are_one_readable_line(flags, message, models_dir, tmp_path, busy_port,
                                               capsys):

@@ -1,22 +1,17 @@
 """TLS, mutual TLS and bearer-token authentication, over real loopback channels.
 
-Certificates are made here (a CA, a server certificate for 127.0.0.1/localhost, client
-certificates), so nothing is read from outside the test's temporary folder.
+Certificates are made by the tests (``pki`` in conftest.py: a CA, a server certificate for
+127.0.0.1/localhost, client certificates), so nothing is read from outside a temporary
+folder.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -36,75 +31,7 @@ IMAGE = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
 CALL_S = 10  # every call's deadline: a refused handshake must fail, not hang
 
 
-# --- certificates ---------------------------------------------------------------------------
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _certificate(cn: str, key, issuer=None, *, ca: bool = False, sans=(), usage=None):
-    """A certificate for ``key``, signed by ``issuer`` = (certificate, key) or self-signed."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    issuer_cert, issuer_key = issuer if issuer else (None, key)
-    builder = (x509.CertificateBuilder()
-               .subject_name(_name(cn))
-               .issuer_name(issuer_cert.subject if issuer_cert else _name(cn))
-               .public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(hours=1))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False), critical=True)
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-    if usage:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write(folder: Path, stem: str, cert, key) -> tuple[Path, Path]:
-    cert_path, key_path = folder / f"{stem}.crt", folder / f"{stem}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:
-    """PEM files: ca, server (127.0.0.1, localhost), client (signed by ca), rogue_ca and
-    rogue_client (a client certificate from another CA)."""
-    import ipaddress
-
-    folder = tmp_path_factory.mktemp("pki")
-    files: dict[str, Path] = {}
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate("camserve test CA", ca_key, ca=True)
-    files["ca"], _ = _write(folder, "ca", ca, ca_key)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = _certificate("localhost", server_key, (ca, ca_key),
-                          sans=[x509.DNSName("localhost"),
-                                x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-                          usage=ExtendedKeyUsageOID.SERVER_AUTH)
-    files["server_cert"], files["server_key"] = _write(folder, "server", server, server_key)
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    client = _certificate("camserve client", client_key, (ca, ca_key),
-                          usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-    files["client_cert"], files["client_key"] = _write(folder, "client", client, client_key)
-    rogue_key = ec.generate_private_key(ec.SECP256R1())
-    rogue_ca = _certificate("some other CA", rogue_key, ca=True)
-    files["rogue_ca"], _ = _write(folder, "rogue_ca", rogue_ca, rogue_key)
-    intruder_key = ec.generate_private_key(ec.SECP256R1())
-    intruder = _certificate("intruder", intruder_key, (rogue_ca, rogue_key),
-                            usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-    files["rogue_client_cert"], files["rogue_client_key"] = _write(folder, "rogue_client",
-                                                                   intruder, intruder_key)
-    return files
-
+# --- certificates: the ``pki`` fixture (tests/conftest.py) --------------------------------
 
 def _credentials(pki, ca="ca", client: str | None = None) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
