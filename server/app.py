@@ -428,11 +428,17 @@ HEALTH_WORKERS = 2  # health checks are answered from memory; two threads keep u
 
 def _health_server(servicer: health.HealthServicer, host: str,
                    port: int) -> tuple[grpc.Server, int]:
-    """A second gRPC server answering grpc.health.v1 only, with threads and no call limit of
-    its own (the main server's limit refuses health checks when it is saturated)."""
+    """A second gRPC server answering grpc.health.v1's Check only, with threads and no call
+    limit of its own (the main server's limit refuses health checks when it is
+    saturated)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS,
                                                     thread_name_prefix="health"))
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    # Check only: a Watch stream would hold one of the few threads for as long as it lasts
+    check = grpc.unary_unary_rpc_method_handler(
+        servicer.Check, request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        health.SERVICE_NAME, {"Check": check}),))
     address = f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)

@@ -343,6 +343,11 @@ def test_health_port_answers_when_the_server_is_saturated(models_dir):
         with pytest.raises(grpc.RpcError) as other:  # the health port serves nothing else
             pb_grpc.ExplainerStub(health_only).ListModels(pb.ListModelsRequest(), timeout=5)
         assert other.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        watch = health_pb2_grpc.HealthStub(health_only).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=5)
+        with pytest.raises(grpc.RpcError) as streamed:  # Check only: no thread held by a stream
+            next(watch)
+        assert streamed.value.code() == grpc.StatusCode.UNIMPLEMENTED
         stream.close()
         stopping = threading.Thread(target=running.stop, kwargs={"grace": 5})
         stopping.start()
