@@ -2,7 +2,8 @@
 
 Inputs:
   ``image``   float32 [B,3,H,W], already preprocessed (see ``Preprocessing``)
-  ``targets`` int64 [B,K]; t >= 0 is a class index, t = -r is "the r-th highest logit"
+  ``targets`` int64 [B,K]; t >= 0 is a class index, t = -r is "the r-th highest logit";
+              K = 0 runs the logits only (the gradients come out empty)
 Outputs:
   ``logits``      float32 [B,N]
   ``classes``     int64 [B,K], the targets resolved to class indices

@@ -297,6 +297,7 @@ class _Base:
         model = flatten_unit_inner_axis(model, scopes=tuple(self.scopes))
         model = share_equal_weights(model)
         _drop_unread_weights(model.graph)
+        _allow_zero_dims(model.graph)
         onnx.checker.check_model(model)
         return model
 
@@ -661,6 +662,26 @@ def share_equal_weights(model: onnx.ModelProto, min_elements: int = 4096) -> onn
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept)
     return model
+
+
+def _allow_zero_dims(graph: onnx.GraphProto,
+                     outer: dict[str, onnx.TensorProto] | None = None) -> None:
+    """``allowzero=1`` on every Reshape (and in Scan bodies) whose shape is computed, so that
+    an empty dimension stays empty: the graph then also runs with K = 0 targets (logits
+    only, the adjoint on empty tensors). With the default, a 0 in a computed shape means
+    "copy the input's dimension", which fails on an empty seed axis. A Reshape whose shape is
+    a constant holding a 0 keeps the default: there the 0 was meant as "copy"."""
+    constants = {**(outer or {}), **{init.name: init for init in graph.initializer}}
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _allow_zero_dims(attr.g, constants)
+        if node.op_type != "Reshape" or any(a.name == "allowzero" for a in node.attribute):
+            continue
+        shape = constants.get(node.input[1])
+        if shape is not None and 0 in numpy_helper.to_array(shape).tolist():
+            continue
+        node.attribute.append(helper.make_attribute("allowzero", 1))
 
 
 def _drop_unread_weights(graph: onnx.GraphProto) -> None:

@@ -63,6 +63,7 @@ class ExplainerModel:
     head: ort.InferenceSession | None = None  # the <stem>.head.onnx companion
     head_layers: tuple[str, ...] = ()  # the layers it holds a head for
     io_binding: bool = False  # run through onnxruntime IO binding (``run_bound``)
+    empty_targets: bool = False  # the graph runs with K = 0 targets (``accepts_no_targets``)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -81,11 +82,12 @@ class ExplainerModel:
         return self.card.unpack(layers, outputs)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """logits [S,N] of a batch float32 [S,3,H,W] (for the top-1 class targets). Note that
-        onnxruntime's inference builds run the whole graph, gradients included, whatever the
-        fetches: with a batched head that adds a few per cent to a forward pass, with a head
-        run per sample in a Scan (convolutions after the layer) much more."""
-        targets = np.full((len(batch), 1), -1, np.int64)
+        """logits [S,N] of a batch float32 [S,3,H,W]. onnxruntime's inference builds run the
+        whole graph whatever the fetches, so the targets are empty (K = 0) when the file
+        allows it (``empty_targets``): the gradient part then runs on empty tensors. Older
+        exports get the top-1 class, and compute its gradients for nothing."""
+        # K = 0 targets where the file allows it: the adjoint then runs on empty tensors
+        targets = np.zeros((len(batch), 0 if self.empty_targets else 1), np.int64) - 1
         return self._run(self.session, [contract.LOGITS], {contract.IMAGE: batch,
                                                            contract.TARGETS: targets})[0]
 
@@ -320,6 +322,22 @@ def load_model(path: Path, device: str = "auto", threads: int | None = None,
     return _open_model(Path(path), device, threads, io_binding)
 
 
+def accepts_no_targets(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()) -> bool:
+    """Whether the explainer graph runs with K = 0 targets: every Reshape computing its shape
+    keeps empty dimensions (``allowzero=1``, written by ``camserve export`` since this
+    version). Reshapes with a constant shape are fine either way."""
+    constants = outer | {init.name for init in graph.initializer}
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH and not accepts_no_targets(attr.g,
+                                                                                 constants):
+                return False
+        if node.op_type == "Reshape" and node.input[1] not in constants and not any(
+                a.name == "allowzero" and a.i == 1 for a in node.attribute):
+            return False
+    return True
+
+
 def _read(path: Path) -> onnx.ModelProto:
     """The model's protobuf, without its external data, after checking that every external
     data file it names lies inside its own folder (no ``../`` or absolute paths)."""
@@ -372,11 +390,13 @@ def _open_model(path: Path, device: str, threads: int | None,
                                  f"{owner[0]!r}, not a model of its own")
     card = read_card(model, path.name)
     _check(model, path.name)
+    empty_targets = accepts_no_targets(model.graph)
     del model
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     session, provider = open_session(path, device, threads)
     loaded = ExplainerModel(path.stem, digest, card, session, provider,
-                            io_binding=provider == CUDA if io_binding is None else io_binding)
+                            io_binding=provider == CUDA if io_binding is None else io_binding,
+                            empty_targets=empty_targets)
     companion = contract.companion_path(path)
     if companion.is_file():
         try:

@@ -356,6 +356,44 @@ def test_no_dead_nodes(exports, name):
     assert not _dead_nodes(onnx.load(str(exports.get(name).path)).graph)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet18_layer3", "mobilenet_v3_small"])
+def test_no_targets_runs_the_forward_only(exports, name, tmp_path):
+    """K = 0 targets (what the server's logits-only calls send): same logits, empty
+    classes and gradients; a file without ``allowzero`` on its Reshapes (an older export)
+    is recognised and gets K = 1 instead."""
+    from camserve.server.models import accepts_no_targets, load_model
+
+    exported = exports.get(name)
+    images = _images(exported, 2, 7)
+    full = _run(exported, images, [[-1], [-1]])
+    empty = _run(exported, images, np.zeros((2, 0), np.int64))
+    np.testing.assert_array_equal(empty[contract.LOGITS], full[contract.LOGITS])
+    assert empty[contract.CLASSES].shape == (2, 0)
+    assert empty[exported.result.card.layers[0].gradients].shape[:2] == (2, 0)
+    model = onnx.load(str(exported.path))
+    assert accepts_no_targets(model.graph)
+    loaded = load_model(exported.path, "cpu")
+    assert loaded.empty_targets
+    np.testing.assert_allclose(loaded.logits(images), full[contract.LOGITS], rtol=1e-6)
+
+    def strip(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            keep = [a for a in node.attribute if a.name != "allowzero"]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+            for attr in keep:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    strip(attr.g)
+
+    strip(model.graph)
+    older = tmp_path / f"{exported.path.stem}.onnx"
+    onnx.save(model, str(older))
+    loaded = load_model(older, "cpu")
+    # the pooling + fc adjoint computes its shapes; a Scan body's shapes are constants
+    assert loaded.empty_targets == (name == "resnet18_layer3")
+    np.testing.assert_allclose(loaded.logits(images), full[contract.LOGITS], rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["resnet18", "densenet121", "efficientnet_b0"])
 def test_adjoint_runs_no_slow_kernels(exports, name):
     """The batched adjoint gathers weight rows instead of multiplying one-hot seeds, masks
