@@ -31,7 +31,7 @@ from camserve.client.sdk import DEFAULT_TIMEOUT, Client, explanations
 from camserve.contract import ContractError, ModelCard
 from camserve.errors import CamserveError
 from camserve.server import attributions
-from camserve.server.pipeline import Limits, Pipeline
+from camserve.server.pipeline import CardSizes, Limits, Pipeline
 
 
 
@@ -43,7 +43,7 @@ class TritonError(RuntimeError):
         self.status = status
 
 
-class TritonModel:
+class TritonModel(CardSizes):
     """One explainer model in a Triton server, shaped like the server's ``ExplainerModel``
     (the ``camserve.server.pipeline.ExplainableModel`` protocol)."""
 
@@ -65,14 +65,6 @@ class TritonModel:
         self.name = name
         self.version = props.get(contract.KEY_SHA256) or version or "latest"
         self.max_batch_size = max(1, config.max_batch_size)
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.card.preprocessing.crop
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.card.labels)
 
     def run(self, image: np.ndarray, targets: np.ndarray,
             layers: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, tuple]]:

@@ -30,6 +30,7 @@ import onnxruntime as ort
 from camserve import contract
 from camserve.contract import ContractError, ModelCard
 from camserve.errors import CamserveError
+from camserve.server.pipeline import CardSizes
 
 log = logging.getLogger("camserve.server")
 
@@ -51,7 +52,7 @@ class CompanionFileError(ContractError):
 
 
 @dataclass
-class ExplainerModel:
+class ExplainerModel(CardSizes):
     """One loaded explainer graph and what its metadata says."""
 
     name: str
@@ -64,14 +65,6 @@ class ExplainerModel:
     head_layers: tuple[str, ...] = ()  # the layers it holds a head for
     io_binding: bool = False  # run through onnxruntime IO binding (``run_bound``)
     empty_targets: bool = False  # the graph runs with K = 0 targets (``accepts_no_targets``)
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.card.preprocessing.crop
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.card.labels)
 
     def run(self, image: np.ndarray, targets: np.ndarray,
             layers: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, tuple]]:

@@ -27,6 +27,20 @@ from camserve.v1 import explainer_pb2 as pb
 _FUSION = {pb.LAYER_FUSION_UNSPECIFIED: "mean", pb.MEAN: "mean", pb.SUM: "sum", pb.MAX: "max"}
 
 
+class CardSizes:
+    """``input_size`` and ``num_classes`` of a model, read from its ``card``."""
+
+    card: ModelCard
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.card.preprocessing.crop
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.card.labels)
+
+
 class ExplainableModel(Protocol):
     """What the pipeline needs of a model: its card and the graph's outputs.
 
