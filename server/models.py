@@ -185,12 +185,7 @@ def read_card(model: onnx.ModelProto, source: str) -> ModelCard:
 def read_saliency_card(model: onnx.ModelProto, source: str) -> tuple[ModelCard, str]:
     """A saliency companion's card and the name of its model, after checking its inputs
     and outputs against the companion contract."""
-    props = {p.key: p.value for p in model.metadata_props}
-    owner = contract.companion_of(props)
-    if owner is None or owner[1] != contract.SALIENCY:
-        raise ContractError(f"{source}: not a saliency companion (no {contract.KEY_COMPANION} "
-                            "metadata of kind 'saliency')")
-    card = ModelCard.from_metadata(props)
+    card, owner = _companion_card(model, source, contract.SALIENCY)
     inputs = {v.name: v for v in model.graph.input}
     outputs = {v.name: v for v in model.graph.output}
     for name in (contract.IMAGE, contract.TARGETS):
@@ -208,18 +203,13 @@ def read_saliency_card(model: onnx.ModelProto, source: str) -> tuple[ModelCard, 
     if len(grads) != 5 or grads[2:] != [3, height, width]:
         raise ContractError(f"{source}: output {contract.INPUT_GRADIENTS!r} is not "
                             f"[B,K,3,{height},{width}]")
-    return card, owner[0]
+    return card, owner
 
 
 def read_head_card(model: onnx.ModelProto, source: str) -> tuple[ModelCard, str, tuple[str, ...]]:
     """A head companion's card, the name of its model and the layers it holds a head for,
     after checking its inputs and outputs against the companion contract."""
-    props = {p.key: p.value for p in model.metadata_props}
-    owner = contract.companion_of(props)
-    if owner is None or owner[1] != contract.HEAD:
-        raise ContractError(f"{source}: not a head companion (no {contract.KEY_COMPANION} "
-                            "metadata of kind 'head')")
-    card = ModelCard.from_metadata(props)
+    card, owner = _companion_card(model, source, contract.HEAD)
     inputs = {v.name: _shape(v) for v in model.graph.input}
     outputs = {v.name: _shape(v) for v in model.graph.output}
     logits = contract.head_output_names([layer.name for layer in card.layers])
@@ -237,7 +227,18 @@ def read_head_card(model: onnx.ModelProto, source: str) -> tuple[ModelCard, str,
         raise ContractError(f"{source}: inputs {sorted(inputs)} are no layer's activations")
     if not layers:
         raise ContractError(f"{source}: holds no layer's head")
-    return card, owner[0], tuple(layers)
+    return card, owner, tuple(layers)
+
+
+def _companion_card(model: onnx.ModelProto, source: str, kind: str) -> tuple[ModelCard, str]:
+    """The card of a companion of ``kind`` and the name of its model; ContractError for a file
+    that is not such a companion."""
+    props = {p.key: p.value for p in model.metadata_props}
+    owner = contract.companion_of(props)
+    if owner is None or owner[1] != kind:
+        raise ContractError(f"{source}: not a {kind} companion (no {contract.KEY_COMPANION} "
+                            f"metadata of kind {kind!r})")
+    return ModelCard.from_metadata(props), owner[0]
 
 
 def _shape(value: onnx.ValueInfoProto) -> list[int]:
@@ -331,11 +332,16 @@ def accepts_no_targets(graph: onnx.GraphProto, outer: frozenset[str] = frozenset
     return True
 
 
-def _read(path: Path) -> onnx.ModelProto:
+def _read(path: Path) -> tuple[onnx.ModelProto, str]:
     """The model's protobuf, without its external data, after checking that every external
-    data file it names lies inside its own folder (no ``../`` or absolute paths)."""
+    data file it names lies inside its own folder (no ``../`` or absolute paths); and the
+    file's version (the first 12 hex digits of its SHA-256), from the same read."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ContractError(f"{path.name}: cannot be read ({exc.strerror or exc})") from exc
+    try:
+        model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError, onnx raises various kinds
         raise ContractError(f"{path.name}: not an ONNX model ({type(exc).__name__})") from exc
     folder = path.parent.resolve()
@@ -347,7 +353,7 @@ def _read(path: Path) -> onnx.ModelProto:
         if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
             raise ContractError(f"{path.name}: weight {tensor.name!r} points at external data "
                                 f"{location!r} outside the models folder; refused")
-    return model
+    return model, hashlib.sha256(data).hexdigest()[:12]
 
 
 def _tensors(graph: onnx.GraphProto):
@@ -376,7 +382,7 @@ def _check(model: onnx.ModelProto, source: str) -> None:
 
 def _open_model(path: Path, device: str, threads: int | None,
                 io_binding: bool | None = None) -> ExplainerModel:
-    model = _read(path)
+    model, digest = _read(path)
     owner = _companion_owner(model)
     if owner is not None:
         raise CompanionFileError(f"{path.name} is the {owner[1]} companion of model "
@@ -385,7 +391,6 @@ def _open_model(path: Path, device: str, threads: int | None,
     _check(model, path.name)
     empty_targets = accepts_no_targets(model.graph)
     del model
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     session, provider = open_session(path, device, threads)
     loaded = ExplainerModel(path.stem, digest, card, session, provider,
                             io_binding=provider == CUDA if io_binding is None else io_binding,
@@ -415,7 +420,7 @@ def _open_companion(path: Path, kind: str, owner: ExplainerModel, device: str,
                     threads: int | None) -> tuple[ort.InferenceSession, tuple[str, ...]]:
     """A companion's session (and for a head companion the layers it holds), after checking
     it against the contract and its model."""
-    model = _read(path)
+    model, _ = _read(path)
     if kind == contract.HEAD:
         card, name, layers = read_head_card(model, path.name)
         again = "again"
@@ -450,7 +455,14 @@ def load_models(folder: Path, device: str = "auto", threads: int | None = None,
                             "run 'camserve export' first")
     models: dict[str, ExplainerModel] = {}
     companions: list[Path] = []
-    for path in sorted(folder.glob("*.onnx")):
+    files = sorted(folder.glob("*.onnx"))
+    # <model>.<kind>.onnx beside <model>.onnx is read once, when its model attaches it
+    beside = {contract.companion_path(path, kind) for path in files
+              for kind in contract.COMPANION_KINDS}
+    for path in files:
+        if path in beside:
+            companions.append(path)
+            continue
         try:
             model = _open_model(path, device, threads, io_binding)
         except CompanionFileError:
