@@ -65,7 +65,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from camserve.errors import CamserveError
+from camserve.errors import ContractError
 
 CONTRACT_VERSION = 1
 
@@ -99,10 +99,6 @@ KEY_PRECISION = "camserve.precision"
 FLOAT32 = "float32"
 FLOAT16 = "float16"
 PRECISIONS = (FLOAT32, FLOAT16)
-
-
-class ContractError(CamserveError):
-    """A model file does not follow graph contract v1."""
 
 
 @dataclass(frozen=True)
@@ -276,6 +272,16 @@ class ModelCard:
             contract_version=int(version),
             precision=precision,
         )
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the ``image`` input: the preprocessing's crop."""
+        return self.preprocessing.crop
+
+    @property
+    def num_classes(self) -> int:
+        """N, the width of ``logits``."""
+        return len(self.labels)
 
     def fetches(self, layers: list[str]) -> list[str]:
         """The explainer outputs to fetch for ``layers``: logits, classes, then per layer its

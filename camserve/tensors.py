@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from camserve.errors import CamserveError
+from camserve.errors import CallerError
 from camserve.v1 import explainer_pb2 as pb
 
 _NUMPY = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2"), pb.UINT8: np.dtype("u1"),
@@ -12,7 +12,7 @@ _NUMPY = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2"), pb.UINT8: np
 _PROTO = {np.dtype(v).newbyteorder("=") if v.itemsize > 1 else v: k for k, v in _NUMPY.items()}
 
 
-class TensorError(CamserveError):
+class TensorError(CallerError):
     """A Tensor message whose bytes do not match its dtype and shape."""
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from camserve.errors import CamserveError, DeadlineError
 from camserve.server.metrics import Metrics
-from camserve.server.models import ExplainerModel
+from camserve.server.runtime import ExplainerModel
 
 # (logits [1,N], classes [1,K], {layer: (activations [1,C,h,w], gradients [1,K,C,h,w])})
 Result = tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]

@@ -1,8 +1,10 @@
-"""The ``camserve.v1.Explainer`` gRPC service: request -> image -> graph -> maps -> response.
+"""The ``camserve.v1.Explainer`` gRPC servicer: a thin layer over the transport-free pipeline.
 
-Every request is validated at the edge; what a client sent can only produce a status with a
-message a person can act on (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED), never a
-crash or UNKNOWN.
+Each RPC finds its model in the ``ModelRepository``, hands the request to
+``camserve.explain.pipeline`` (validate -> preprocess -> graph -> maps) with the model's
+runner, and turns the ``Explained`` result into the response. Every request is validated
+at the edge: what a client sent can only produce a status with a message a person can act
+on (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED), never a crash or UNKNOWN.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from typing import Callable, Iterator
 
 import grpc
 
-from camserve.errors import CamserveError, DeadlineError, LimitError, NotFoundError
-from camserve.server import attributions, cam
-from camserve.server.batching import Batcher
+from camserve.errors import CamserveError, status_name
+from camserve.explain import attributions, methods
+from camserve.explain.pipeline import Limits, Pipeline, to_response
 from camserve.server.metrics import Metrics
-from camserve.server.models import ExplainerModel
-from camserve.server.pipeline import Limits, Pipeline
+from camserve.server.repository import ModelRepository
+from camserve.server.runtime import ExplainerModel
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
 
@@ -27,28 +29,18 @@ access_log = logging.getLogger("camserve.access")  # one logfmt line per Explain
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
-    if isinstance(exc, NotFoundError):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, LimitError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, DeadlineError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    if isinstance(exc, CamserveError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return grpc.StatusCode.INTERNAL
+    """The status a failed call answers with (``camserve.errors.status_name``)."""
+    return grpc.StatusCode[status_name(exc)]
 
 
 class ExplainerService(pb_grpc.ExplainerServicer):
-    """Serves the loaded models; ``default`` answers requests that name none."""
+    """Serves the models of ``repository`` with ``limits`` per request."""
 
-    def __init__(self, models: dict[str, ExplainerModel], default: str | None = None,
-                 limits: Limits | None = None, batchers: dict[str, Batcher] | None = None,
+    def __init__(self, repository: ModelRepository, limits: Limits | None = None,
                  metrics: Metrics | None = None) -> None:
-        self.models = models
-        self.default = default or sorted(models)[0]
+        self.repository = repository
         self.pipeline = Pipeline(limits or Limits())
-        self.batchers = batchers or {}  # model name -> its dynamic batcher, when batching
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or repository.metrics
 
     # --- RPCs -----------------------------------------------------------------------------
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext):
@@ -64,8 +56,9 @@ class ExplainerService(pb_grpc.ExplainerServicer):
             self.metrics.in_flight.dec()
             self.metrics.requests.labels("Explain", code.name).inc()
             access_log.info("rpc=Explain request_id=%s model=%s method=%s code=%s ms=%.1f",
-                            request.request_id or "-", request.model or self.default,
-                            request.method or "gradcam", code.name,
+                            request.request_id or "-",
+                            request.model or self.repository.default,
+                            request.method or methods.DEFAULT_METHOD, code.name,
                             (time.perf_counter() - started) * 1e3)
 
     def ExplainStream(self, requests: Iterator[pb.ExplainRequest],
@@ -89,90 +82,49 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         return response
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext):
+        repository = self.repository
         return pb.ListModelsResponse(models=[self.model_info(m) for _, m in
-                                             sorted(self.models.items())],
-                                     default_model=self.default)
+                                             sorted(repository.models.items())],
+                                     default_model=repository.default)
 
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext):
         try:
-            return self.model_info(self.model(request.name))
+            return self.model_info(self.repository.get(request.name))
         except Exception as exc:  # noqa: BLE001
             self._abort(context, exc, "")
 
-    # set by camserve.server.app: () -> ReloadModelsResponse; loads the models folder again
-    # and swaps it in (``swap``), raising CamserveError when it holds no usable model
-    reloader = None
-
     def ReloadModels(self, request: pb.ReloadModelsRequest, context: grpc.ServicerContext):
-        if self.reloader is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                          "this server was not started with a models folder to reload")
         try:
-            return self.reloader()
+            loaded, refused = self.repository.reload()
         except CamserveError as exc:
             log.warning("reload refused, the old models stay: %s", exc)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"{exc}; still serving: {', '.join(sorted(self.models))}")
+                          f"{exc}; still serving: {', '.join(sorted(self.repository.models))}")
         except Exception as exc:  # noqa: BLE001
             self._abort(context, exc, "")
-
-    def swap(self, models: dict[str, ExplainerModel], default: str | None,
-             batchers: dict[str, Batcher]) -> dict[str, Batcher]:
-        """Serve ``models`` from the next request on; returns the batchers they replace (the
-        caller closes them once their requests are done). A request never finds neither set:
-        the union is served while the attributes change."""
-        old = self.batchers
-        self.models = {**self.models, **models}
-        self.default = default or sorted(models)[0]
-        self.batchers = batchers
-        self.models = models
-        return old
+        return pb.ReloadModelsResponse(loaded=loaded, refused=refused)
 
     # --- the pipeline ---------------------------------------------------------------------
-    def model(self, name: str) -> ExplainerModel:
-        name = name or self.default
-        if name not in self.models:
-            raise NotFoundError(f"unknown model {name!r}; this server has: "
-                                f"{', '.join(sorted(self.models))}")
-        return self.models[name]
-
     def explain(self, request: pb.ExplainRequest,
                 alive: Callable[[], bool] = lambda: True) -> pb.ExplainResponse:
         """Answer one request; ``alive`` says whether its caller still waits (a request
         whose deadline passed or that was cancelled is dropped before the graph runs)."""
-        model = self.model(request.model)
-        batcher = self.batchers.get(model.name)
-        if batcher is not None and batcher.model is not model:
-            batcher = None  # read across a reload: run this model directly
-        if batcher is not None:
-            batcher.expect()  # a batch may wait for this request while it decodes
-        try:
-            job = self.pipeline.prepare(request, model)
-            if not alive():
-                raise DeadlineError("the caller gave up before the model ran")
-        except BaseException:
-            if batcher is not None:
-                batcher.cancel()
-            raise
-        if batcher is not None:
-            outputs = batcher.run(job.image, job.targets, job.layers, alive)
-        else:
-            outputs = model.run(job.image, job.targets[None, :], job.layers)
-        job.inferred = time.perf_counter_ns()
-        return self.pipeline.respond(request, model, job, outputs)
+        model = self.repository.get(request.model)
+        explained = self.pipeline.explain(request, model, self.repository.runner(model), alive)
+        return to_response(explained, request)
 
     def model_info(self, model: ExplainerModel) -> pb.ModelInfo:
         card = model.card
         p = card.preprocessing
         return pb.ModelInfo(
             name=model.name, version=model.version, architecture=card.architecture,
-            labels=card.labels, input_shape=[1, 3, *model.input_size],
+            labels=card.labels, input_shape=[1, 3, *model.card.input_size],
             preprocessing=pb.Preprocessing(
                 resize=p.resize, crop_height=p.crop[0], crop_width=p.crop[1], mean=p.mean,
                 std=p.std, scale=p.scale, channel_order=p.channel_order,
                 interpolation=p.interpolation, grayscale=p.grayscale),
             layers=[pb.LayerInfo(name=layer.name, shape=layer.shape) for layer in card.layers],
-            methods=[m for m in cam.method_names() if m != "ablationcam" or model.head]
+            methods=[m for m in methods.method_names() if m != "ablationcam" or model.head]
             + (list(attributions.METHODS) if model.saliency else []),
             contract_version=card.contract_version,
             execution_provider=model.provider, camserve_version=card.camserve_version)

@@ -62,7 +62,8 @@ def models_dir(tmp_path_factory, tiny_model) -> Path:
 @pytest.fixture(scope="session")
 def server(models_dir):
     """A live server on a free loopback port, serving ``models_dir``."""
-    from camserve.server.app import ServerConfig, start
+    from camserve.server.app import start
+    from camserve.server.config import ServerConfig
 
     running = start(ServerConfig(models=models_dir, port=0, device="cpu",
                                  intra_op_threads=1, default_model="tiny"))

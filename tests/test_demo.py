@@ -39,7 +39,8 @@ def _inside(point, box) -> bool:
 
 @pytest.fixture(scope="module")
 def lite0_server(lite0_dir):
-    from camserve.server.app import ServerConfig, start
+    from camserve.server.app import start
+    from camserve.server.config import ServerConfig
 
     running = start(ServerConfig(models=lite0_dir, port=0, device="cpu"))
     yield running

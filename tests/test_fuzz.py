@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from camserve.errors import CamserveError
-from camserve.server import preprocess
-from camserve.server.models import load_models
+from camserve.explain.image import decode, preprocess
+from camserve.server.runtime import load_models
+from camserve.server.repository import ModelRepository
 from camserve.server.service import ExplainerService
 from camserve.v1 import explainer_pb2 as pb
 
@@ -37,7 +38,7 @@ def mutated_images(draw) -> bytes:
 @given(st.one_of(st.binary(max_size=2048), mutated_images()))
 def test_decode_returns_rgb_or_a_clear_error(data):
     try:
-        rgb = preprocess.decode(data, max_pixels=4_000_000)
+        rgb = decode(data, max_pixels=4_000_000)
     except CamserveError as exc:
         assert str(exc)
         return
@@ -46,7 +47,7 @@ def test_decode_returns_rgb_or_a_clear_error(data):
 
 @pytest.fixture(scope="module")
 def service(models_dir):
-    return ExplainerService(load_models(models_dir, device="cpu"), default="tiny")
+    return ExplainerService(ModelRepository(load_models(models_dir, device="cpu"), default="tiny"))
 
 
 dtypes = st.sampled_from([0, pb.FLOAT32, pb.FLOAT16, pb.UINT8, pb.INT64, 99])

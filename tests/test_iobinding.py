@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from camserve.export import export_explainer
-from camserve.server import models as models_module
-from camserve.server.models import CUDA, load_model, load_models, run_bound
+from camserve.server import runtime as runtime
+from camserve.server.runtime import CUDA, load_model, load_models, run_bound
 
 
 def _pair(path):
@@ -30,7 +30,7 @@ def _same(a, b) -> None:
 
 
 def _check_run(plain, bound, batch: int) -> None:
-    height, width = plain.input_size
+    height, width = plain.card.input_size
     image = np.random.default_rng(batch).standard_normal((batch, 3, height, width)
                                                           ).astype(np.float32)
     targets = np.array([[-1, 3, -2]] * batch, np.int64)
@@ -98,12 +98,12 @@ def test_default_is_on_for_cuda_only(models_dir, monkeypatch):
     assert not any(m.io_binding for m in load_models(models_dir, device="cpu").values())
     assert load_model(models_dir / "tiny.onnx", device="cpu", io_binding=True).io_binding
 
-    real = models_module.open_session
+    real = runtime.open_session
 
     def as_if_cuda(path, device, threads):  # a CPU session that says it got CUDA
         return real(path, "cpu", threads)[0], CUDA
 
-    monkeypatch.setattr(models_module, "open_session", as_if_cuda)
+    monkeypatch.setattr(runtime, "open_session", as_if_cuda)
     model = load_model(models_dir / "tiny.onnx", device="cuda")
     assert model.provider == CUDA and model.io_binding
     assert not load_model(models_dir / "tiny.onnx", device="cuda", io_binding=False).io_binding

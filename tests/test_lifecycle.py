@@ -22,7 +22,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from camserve.client import Client
-from camserve.server.app import ServerConfig, start
+from camserve.server.app import start
+from camserve.server.config import ServerConfig
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
 

@@ -10,8 +10,9 @@ import torchvision
 
 from camserve.client import Client
 from camserve.export import export_explainer
-from camserve.server import cam
-from camserve.server.app import ServerConfig, start
+from camserve.explain import methods
+from camserve.server.app import start
+from camserve.server.config import ServerConfig
 
 pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam import (  # noqa: E402
@@ -66,7 +67,7 @@ def reference_map(model, method, layers, image, target):
 
 
 def test_registry_matches_the_reference_list():
-    assert set(REFERENCE) <= set(cam.METHODS)
+    assert set(REFERENCE) <= set(methods.METHODS)
 
 
 @pytest.mark.parametrize("method", list(REFERENCE))
@@ -107,7 +108,7 @@ def test_ablationcam_equals_grad_cam(served, resnet, image):
 
 
 def test_every_method_gives_maps_for_several_targets(served, image):
-    for method in cam.METHODS:  # the gradient methods; Score-CAM has its own test
+    for method in methods.METHODS:  # the gradient methods; Score-CAM has its own test
         found = served.explain(tensor=image.numpy(), top_k=3, method=method)
         assert len(found) == 3
         for explanation in found:
@@ -126,10 +127,10 @@ def test_noise_smoothing_is_one_batched_run_and_averages(served, resnet, image):
     assert np.abs(smooth - plain).max() > 1e-3   # and really averaged over noise
     # the same average computed here from grad-cam's maps of the same noisy copies
     rng = np.random.default_rng(1)
-    batch, _ = cam.perturbed_batch(image.numpy(), 8, 0.15, False, rng)
+    batch, _ = methods.perturbed_batch(image.numpy(), 8, 0.15, False, rng)
     maps = [reference_map(resnet, "gradcam", [resnet.layer4], torch.from_numpy(b[None]), 5)
             for b in batch]
-    expected = cam.normalize_maps(np.mean(maps, axis=0)[None])[0]
+    expected = methods.normalize_maps(np.mean(maps, axis=0)[None])[0]
     assert np.abs(smooth - expected).max() <= 1e-3
 
 
@@ -139,7 +140,7 @@ def test_flip_averages_the_mirrored_map(served, resnet, image):
     direct = reference_map(resnet, "gradcam", [resnet.layer4], image, 5)
     mirrored = reference_map(resnet, "gradcam", [resnet.layer4],
                              torch.flip(image, dims=[3]), 5)[:, ::-1]
-    expected = cam.normalize_maps(((direct + mirrored) / 2)[None])[0]
+    expected = methods.normalize_maps(((direct + mirrored) / 2)[None])[0]
     assert np.abs(flipped - expected).max() <= 1e-3
 
 
@@ -148,7 +149,7 @@ def test_raw_maps_keep_the_methods_units(served, image):
                          normalize=False)[0].cam_input
     normalized = served.explain(tensor=image.numpy(), targets=[5], layers=["layer4"])[0].cam_input
     assert raw.max() > 0 and not np.isclose(raw.max(), 1.0)
-    np.testing.assert_allclose(cam.normalize_maps(raw[None])[0], normalized, atol=2e-3)
+    np.testing.assert_allclose(methods.normalize_maps(raw[None])[0], normalized, atol=2e-3)
 
 
 @pytest.fixture(scope="module")

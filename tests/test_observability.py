@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from camserve.client import Client
-from camserve.server.app import ServerConfig, start
+from camserve.server.app import start
+from camserve.server.config import ServerConfig
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
 
 

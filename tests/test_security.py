@@ -20,7 +20,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from camserve import cli
 from camserve.client import Client
 from camserve.errors import CamserveError
-from camserve.server.app import ServerConfig, start
+from camserve.server.app import start
+from camserve.server.config import ServerConfig
 from camserve.server.security import TokenAuthInterceptor, read_token
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc

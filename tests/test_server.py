@@ -22,8 +22,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from camserve import tensors
 from camserve.contract import ModelCard
 from camserve.errors import CamserveError
-from camserve.server import preprocess
-from camserve.server.models import load_models
+from camserve.explain.image import decode, preprocess
+from camserve.server.runtime import load_models
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
 
@@ -86,7 +86,7 @@ def test_explain_matches_numpy_from_graph_outputs(stub, models_dir, photo):
     assert [t.class_index for t in response.targets] == [3, 7]
     card = ModelCard.from_metadata({p.key: p.value for p in
                                     onnx.load(str(models_dir / "tiny.onnx")).metadata_props})
-    image, _ = preprocess.preprocess(photo, card.preprocessing)
+    image, _ = preprocess(photo, card.preprocessing)
     expected = direct_gradcam(models_dir / "tiny.onnx", image, [3, 7])
     for k, target in enumerate(response.targets):
         got = cam_of(target)
@@ -118,7 +118,7 @@ def test_three_image_forms_agree(stub, models_dir, photo):
     np.testing.assert_array_equal(cam_of(by_png.targets[0]), cam_of(by_pixels.targets[0]))
     card = ModelCard.from_metadata({p.key: p.value for p in
                                     onnx.load(str(models_dir / "tiny.onnx")).metadata_props})
-    image, geometry = preprocess.preprocess(photo, card.preprocessing)
+    image, geometry = preprocess(photo, card.preprocessing)
     by_tensor = stub.Explain(pb.ExplainRequest(tensor=tensors.to_proto(image), top_k=1))
     np.testing.assert_allclose(cam_of(by_tensor.targets[0]), cam_of(by_pixels.targets[0]),
                                atol=1e-6)
@@ -334,7 +334,8 @@ def test_serve_cuda_without_gpu_is_a_clear_startup_error(models_dir):
 def test_server_process_loads_no_torch(models_dir):
     code = (
         "import sys\n"
-        "from camserve.server.app import ServerConfig, start\n"
+        "from camserve.server.app import start\n"
+        "from camserve.server.config import ServerConfig\n"
         f"s = start(ServerConfig(models=__import__('pathlib').Path({str(models_dir)!r}), "
         "port=0, device='cpu'))\n"
         "s.stop(0)\n"

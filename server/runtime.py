@@ -1,8 +1,8 @@
-"""Explainer graphs on onnxruntime: load a models folder, validate contract v1, run.
+"""Explainer graphs on onnxruntime: load a models folder, run the graphs.
 
-``load_models`` opens every ``*.onnx`` file in a folder, checks it against graph contract v1
-(inputs, outputs, metadata) and creates one onnxruntime session per model, on the CUDA
-provider when asked and available, else on the CPU.
+``load_models`` opens every ``*.onnx`` file in a folder, has ``camserve.modelfile`` check it
+against graph contract v1 (inputs, outputs, metadata) and creates one onnxruntime session per
+model, on the CUDA provider when asked and available, else on the CPU.
 
 A saliency companion ``<stem>.saliency.onnx`` (``camserve export --input-gradients``) is not
 a model of its own: it is validated and attached to the model ``<stem>`` as
@@ -18,19 +18,17 @@ the run. ``io_binding`` switches it on or off per model (default: on for CUDA on
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
-from camserve import contract
-from camserve.contract import ContractError, ModelCard
-from camserve.errors import CamserveError
-from camserve.server.pipeline import CardSizes
+from camserve import contract, modelfile
+from camserve.contract import ModelCard
+from camserve.errors import CallerError, CamserveError, OperatorError
+from camserve.modelfile import CompanionFileError
 
 log = logging.getLogger("camserve.server")
 
@@ -39,20 +37,16 @@ CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class DeviceError(CamserveError):
+class DeviceError(OperatorError):
     """The requested execution device cannot be used."""
 
 
-class MissingCompanionError(CamserveError):
+class MissingCompanionError(CallerError):
     """A method was asked of a model exported without the companion it needs."""
 
 
-class CompanionFileError(ContractError):
-    """A companion file was opened as a model of its own."""
-
-
 @dataclass
-class ExplainerModel(CardSizes):
+class ExplainerModel:
     """One loaded explainer graph and what its metadata says."""
 
     name: str
@@ -103,7 +97,7 @@ class ExplainerModel(CardSizes):
 
     def gradients_of(self, batch: np.ndarray, classes: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``gradients_of`` callable of ``camserve.server.attributions``: batch float32
+        """The ``gradients_of`` callable of ``camserve.explain.attributions``: batch float32
         [S,3,H,W] and the same class indices [K] (>= 0) for every image -> (logits [S,N],
         grads [S,K,3,H,W]); one run of the companion."""
         classes = np.asarray(classes, np.int64).reshape(-1)
@@ -151,98 +145,13 @@ class ExplainerModel(CardSizes):
                 f"alone; ablationcam can explain: {usable}")
 
     def warm_up(self) -> None:
-        height, width = self.input_size
+        height, width = self.card.input_size
         image, targets = np.zeros((1, 3, height, width), np.float32), np.full((1, 1), -1, np.int64)
         self.run(image, targets, [layer.name for layer in self.card.layers])
         if self.saliency is not None:
             self.input_gradients(image, targets)
         for layer in self.head_layers:
             self.head_logits(layer, np.zeros((1, *self.card.layer(layer).shape), np.float32))
-
-
-def read_card(model: onnx.ModelProto, source: str) -> ModelCard:
-    """The model's card, after checking its inputs and outputs against contract v1."""
-    props = {p.key: p.value for p in model.metadata_props}
-    card = ModelCard.from_metadata(props)
-    inputs = {v.name: v for v in model.graph.input}
-    outputs = {v.name for v in model.graph.output}
-    for name in (contract.IMAGE, contract.TARGETS):
-        if name not in inputs:
-            raise ContractError(f"{source}: input {name!r} is missing")
-    wanted = [contract.LOGITS, contract.CLASSES]
-    wanted += [n for layer in card.layers for n in (layer.activations, layer.gradients)]
-    missing = [n for n in wanted if n not in outputs]
-    if missing:
-        raise ContractError(f"{source}: outputs {missing} are missing")
-    dims = inputs[contract.IMAGE].type.tensor_type.shape.dim
-    declared = [d.dim_value for d in dims[2:]]
-    if len(dims) != 4 or tuple(declared) != tuple(card.preprocessing.crop):
-        raise ContractError(f"{source}: input 'image' is not [B,3,{card.preprocessing.crop[0]},"
-                            f"{card.preprocessing.crop[1]}]")
-    return card
-
-
-def read_saliency_card(model: onnx.ModelProto, source: str) -> tuple[ModelCard, str]:
-    """A saliency companion's card and the name of its model, after checking its inputs
-    and outputs against the companion contract."""
-    card, owner = _companion_card(model, source, contract.SALIENCY)
-    inputs = {v.name: v for v in model.graph.input}
-    outputs = {v.name: v for v in model.graph.output}
-    for name in (contract.IMAGE, contract.TARGETS):
-        if name not in inputs:
-            raise ContractError(f"{source}: input {name!r} is missing")
-    missing = [n for n in (contract.LOGITS, contract.CLASSES, contract.INPUT_GRADIENTS)
-               if n not in outputs]
-    if missing:
-        raise ContractError(f"{source}: outputs {missing} are missing")
-    height, width = card.preprocessing.crop
-    image = [d.dim_value for d in inputs[contract.IMAGE].type.tensor_type.shape.dim]
-    grads = [d.dim_value for d in outputs[contract.INPUT_GRADIENTS].type.tensor_type.shape.dim]
-    if len(image) != 4 or image[1:] != [3, height, width]:
-        raise ContractError(f"{source}: input 'image' is not [B,3,{height},{width}]")
-    if len(grads) != 5 or grads[2:] != [3, height, width]:
-        raise ContractError(f"{source}: output {contract.INPUT_GRADIENTS!r} is not "
-                            f"[B,K,3,{height},{width}]")
-    return card, owner
-
-
-def read_head_card(model: onnx.ModelProto, source: str) -> tuple[ModelCard, str, tuple[str, ...]]:
-    """A head companion's card, the name of its model and the layers it holds a head for,
-    after checking its inputs and outputs against the companion contract."""
-    card, owner = _companion_card(model, source, contract.HEAD)
-    inputs = {v.name: _shape(v) for v in model.graph.input}
-    outputs = {v.name: _shape(v) for v in model.graph.output}
-    logits = contract.head_output_names([layer.name for layer in card.layers])
-    layers = []
-    for layer, output in zip(card.layers, logits):
-        if layer.activations not in inputs:
-            continue
-        if inputs.pop(layer.activations)[1:] != list(layer.shape):
-            raise ContractError(f"{source}: input {layer.activations!r} is not "
-                                f"[B,{','.join(map(str, layer.shape))}]")
-        if outputs.get(output, [])[1:] != [len(card.labels)]:
-            raise ContractError(f"{source}: output {output!r} [B,{len(card.labels)}] is missing")
-        layers.append(layer.name)
-    if inputs:
-        raise ContractError(f"{source}: inputs {sorted(inputs)} are no layer's activations")
-    if not layers:
-        raise ContractError(f"{source}: holds no layer's head")
-    return card, owner, tuple(layers)
-
-
-def _companion_card(model: onnx.ModelProto, source: str, kind: str) -> tuple[ModelCard, str]:
-    """The card of a companion of ``kind`` and the name of its model; ContractError for a file
-    that is not such a companion."""
-    props = {p.key: p.value for p in model.metadata_props}
-    owner = contract.companion_of(props)
-    if owner is None or owner[1] != kind:
-        raise ContractError(f"{source}: not a {kind} companion (no {contract.KEY_COMPANION} "
-                            f"metadata of kind {kind!r})")
-    return ModelCard.from_metadata(props), owner[0]
-
-
-def _shape(value: onnx.ValueInfoProto) -> list[int]:
-    return [d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
 def run_bound(session: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray],
@@ -316,125 +225,39 @@ def load_model(path: Path, device: str = "auto", threads: int | None = None,
     return _open_model(Path(path), device, threads, io_binding)
 
 
-def accepts_no_targets(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()) -> bool:
-    """Whether the explainer graph runs with K = 0 targets: every Reshape computing its shape
-    keeps empty dimensions (``allowzero=1``, written by ``camserve export`` since this
-    version). Reshapes with a constant shape are fine either way."""
-    constants = outer | {init.name for init in graph.initializer}
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH and not accepts_no_targets(attr.g,
-                                                                                 constants):
-                return False
-        if node.op_type == "Reshape" and node.input[1] not in constants and not any(
-                a.name == "allowzero" and a.i == 1 for a in node.attribute):
-            return False
-    return True
-
-
-def _read(path: Path) -> tuple[onnx.ModelProto, str]:
-    """The model's protobuf, without its external data, after checking that every external
-    data file it names lies inside its own folder (no ``../`` or absolute paths); and the
-    file's version (the first 12 hex digits of its SHA-256), from the same read."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ContractError(f"{path.name}: cannot be read ({exc.strerror or exc})") from exc
-    try:
-        model = onnx.load_model_from_string(data)
-    except Exception as exc:  # protobuf raises DecodeError, onnx raises various kinds
-        raise ContractError(f"{path.name}: not an ONNX model ({type(exc).__name__})") from exc
-    folder = path.parent.resolve()
-    for tensor in _tensors(model.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (folder / location).resolve()
-        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
-            raise ContractError(f"{path.name}: weight {tensor.name!r} points at external data "
-                                f"{location!r} outside the models folder; refused")
-    return model, hashlib.sha256(data).hexdigest()[:12]
-
-
-def _tensors(graph: onnx.GraphProto):
-    """Every tensor stored in a graph: initializers and Constant values, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.TENSOR:
-                yield attribute.t
-            elif attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _tensors(attribute.g)
-
-
-def _companion_owner(model: onnx.ModelProto) -> tuple[str, str] | None:
-    """(model, kind) of a companion file, None for a model."""
-    return contract.companion_of({p.key: p.value for p in model.metadata_props})
-
-
-def _check(model: onnx.ModelProto, source: str) -> None:
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise ContractError(f"{source}: fails onnx.checker: "
-                            f"{str(exc).strip().splitlines()[0]}") from exc
-
-
 def _open_model(path: Path, device: str, threads: int | None,
                 io_binding: bool | None = None) -> ExplainerModel:
-    model, digest = _read(path)
-    owner = _companion_owner(model)
-    if owner is not None:
-        raise CompanionFileError(f"{path.name} is the {owner[1]} companion of model "
-                                 f"{owner[0]!r}, not a model of its own")
-    card = read_card(model, path.name)
-    _check(model, path.name)
-    empty_targets = accepts_no_targets(model.graph)
-    del model
+    found = modelfile.explainer(modelfile.read(path))
     session, provider = open_session(path, device, threads)
-    loaded = ExplainerModel(path.stem, digest, card, session, provider,
+    loaded = ExplainerModel(found.name, found.version, found.card, session, provider,
                             io_binding=provider == CUDA if io_binding is None else io_binding,
-                            empty_targets=empty_targets)
-    companion = contract.companion_path(path)
-    if companion.is_file():
+                            empty_targets=found.empty_targets)
+    for kind in contract.COMPANION_KINDS:
+        companion = contract.companion_path(path, kind)
+        if not companion.is_file():
+            continue
         try:
-            loaded.saliency = _open_companion(companion, contract.SALIENCY, loaded, device,
-                                              threads)[0]
+            session, layers = _open_companion(companion, kind, found, device, threads)
         except DeviceError:
             raise
         except CamserveError as exc:
             log.error("ignoring %s: %s", companion.name, exc)
-    head = contract.companion_path(path, contract.HEAD)
-    if head.is_file():
-        try:
-            loaded.head, loaded.head_layers = _open_companion(head, contract.HEAD, loaded,
-                                                              device, threads)
-        except DeviceError:
-            raise
-        except CamserveError as exc:
-            log.error("ignoring %s: %s", head.name, exc)
+            continue
+        if kind == contract.HEAD:
+            loaded.head, loaded.head_layers = session, layers
+        else:
+            loaded.saliency = session
     return loaded
 
 
-def _open_companion(path: Path, kind: str, owner: ExplainerModel, device: str,
+def _open_companion(path: Path, kind: str, owner: modelfile.Explainer, device: str,
                     threads: int | None) -> tuple[ort.InferenceSession, tuple[str, ...]]:
     """A companion's session (and for a head companion the layers it holds), after checking
     it against the contract and its model."""
-    model, _ = _read(path)
-    if kind == contract.HEAD:
-        card, name, layers = read_head_card(model, path.name)
-        again = "again"
-    else:
-        (card, name), layers = read_saliency_card(model, path.name), ()
-        again = "again with --input-gradients"
-    if card != owner.card:
-        raise ContractError(f"its metadata (architecture, labels, preprocessing, layers) "
-                            f"differs from model {owner.name!r}'s; export both {again}")
+    name, layers = modelfile.companion(modelfile.read(path), kind, owner)
     if name != owner.name:
         log.warning("%s says it belongs to model %r; attaching it to %r, the file next to it",
                     path.name, name, owner.name)
-    _check(model, path.name)
-    del model
     return open_session(path, device, threads)[0], layers
 
 
@@ -477,7 +300,7 @@ def load_models(folder: Path, device: str = "auto", threads: int | None = None,
             continue
         model.warm_up()
         log.info("model %s (%s, %d classes, layers %s%s%s) runs on %s", model.name,
-                 model.card.architecture, model.num_classes,
+                 model.card.architecture, model.card.num_classes,
                  ",".join(layer.name for layer in model.card.layers),
                  "; with input gradients" if model.saliency is not None else "",
                  f"; heads of {','.join(model.head_layers)}" if model.head_layers else "",

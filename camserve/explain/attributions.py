@@ -10,7 +10,7 @@ through a callable (``ExplainerModel.gradients_of`` is one):
 ``image`` is one preprocessed image [1,3,H,W] float32 (as the model's ``image`` input) and
 ``classes`` [K] are explicit class indices (>= 0): resolve "top-1" and friends on the clean
 image first, since a noisy copy or a point on a path may rank the classes differently.
-Maps come back [K,H,W] float32 in [0, 1], normalised per map as ``cam.normalize_maps``
+Maps come back [K,H,W] float32 in [0, 1], normalised per map as ``methods.normalize_maps``
 does, at the model's input size.
 """
 
@@ -23,13 +23,14 @@ import numpy as np
 
 from camserve.contract import Preprocessing
 from camserve.errors import CamserveError
-from camserve.geometry import resize_map
-from camserve.server.cam import MethodError, normalize_maps, perturbed_batch
+from camserve.explain.geometry import resize_map
+from camserve.explain.methods import MethodError, normalize_maps
+from camserve.explain.smoothing import NOISE_SIGMA, perturbed_batch
 
 GradientsOf = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 SMOOTHGRAD_SAMPLES = 25
-SMOOTHGRAD_SIGMA = 0.15  # of (max - min) of the image; the paper's 10-20 %
+SMOOTHGRAD_SIGMA = NOISE_SIGMA  # the same noise as the maps' smoothing
 IG_STEPS = 64
 IG_RULES = ("middle", "trapezoid", "left", "right")
 
@@ -46,7 +47,7 @@ def smoothgrad(image: np.ndarray, classes: np.ndarray, gradients_of: GradientsOf
     """SmoothGrad (Smilkov et al., 2017): map = max_c mean_s |grad(image + noise_s)| -> [K,H,W].
 
     ``n_samples`` noisy copies, Gaussian noise of std ``sigma`` * (max - min) of the image
-    (``cam.perturbed_batch``), all in one run.
+    (``methods.perturbed_batch``), all in one run.
     """
     if n_samples < 1 or not sigma > 0:
         raise CamserveError(f"smoothgrad needs n_samples >= 1 and sigma > 0, got {n_samples} "

@@ -1,10 +1,15 @@
-"""The request -> response pipeline of an explanation, free of gRPC and of the runtime.
+"""The request -> result pipeline of an explanation, free of gRPC and of the runtime.
 
-``Pipeline.prepare`` validates an ``ExplainRequest`` and builds the model input (decode,
-preprocess, targets); the model runs (``ExplainableModel.run``: an onnxruntime session in the
-server, dynamically batched or not; a Triton endpoint in ``camserve.client.triton``); then
-``Pipeline.respond`` turns the graph's outputs into maps with NumPy and builds the
-``ExplainResponse``. Imports numpy, OpenCV and protobuf only, so the client SDK can run the
+    ExplainRequest --prepare--> Job (model input [1,3,H,W], targets [K], options)
+                   --runner---> graph outputs (logits, classes, activations, gradients)
+                   --finish---> Explained (maps [K,H',W'], scores, geometry, timings)
+                   --to_response--> ExplainResponse (server) | Explanations (Triton client)
+
+``Pipeline.prepare`` validates the request and builds the model input (decode, preprocess,
+targets); a ``Runner`` runs the graph (the model itself, or the server's dynamic batcher);
+``Pipeline.finish`` turns the graph's outputs into maps with NumPy. The model is anything
+shaped like ``ExplainableModel``: an onnxruntime session in the server, a Triton endpoint in
+``camserve.client.triton``. Imports numpy, OpenCV and protobuf only, so a client can run the
 same postprocessing next to a remote graph.
 """
 
@@ -12,39 +17,30 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from camserve import tensors
 from camserve.contract import ModelCard
-from camserve.errors import CamserveError, LimitError
-from camserve.geometry import Geometry, to_original
-from camserve.server import attributions, cam, preprocess
+from camserve.errors import CamserveError, DeadlineError, LimitError
+from camserve.explain import attributions, methods
+from camserve.explain.geometry import Geometry, to_original
+from camserve.explain.image import DEFAULT_MAX_PIXELS, decode, from_pixels, preprocess
+from camserve.explain.smoothing import average_maps, perturbed_batch
 from camserve.v1 import explainer_pb2 as pb
 
 _FUSION = {pb.LAYER_FUSION_UNSPECIFIED: "mean", pb.MEAN: "mean", pb.SUM: "sum", pb.MAX: "max"}
 
-
-class CardSizes:
-    """``input_size`` and ``num_classes`` of a model, read from its ``card``."""
-
-    card: ModelCard
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.card.preprocessing.crop
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.card.labels)
+# (logits [B,N], classes [B,K], {layer: (activations [B,C,h,w], gradients [B,K,C,h,w])})
+Outputs = tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]
 
 
 class ExplainableModel(Protocol):
     """What the pipeline needs of a model: its card and the graph's outputs.
 
-    ``camserve.server.models.ExplainerModel`` (onnxruntime) and
+    ``camserve.server.runtime.ExplainerModel`` (onnxruntime) and
     ``camserve.client.triton.TritonModel`` (KServe v2) are the two.
     """
 
@@ -53,16 +49,8 @@ class ExplainableModel(Protocol):
     card: ModelCard
     saliency: Any  # None when input-space methods are not available
 
-    @property
-    def input_size(self) -> tuple[int, int]: ...
-
-    @property
-    def num_classes(self) -> int: ...
-
-    def run(self, image: np.ndarray, targets: np.ndarray,
-            layers: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, tuple]]:
-        """image [B,3,H,W], targets [B,K] -> (logits [B,N], classes [B,K],
-        {layer: (activations [B,C,h,w], gradients [B,K,C,h,w])})"""
+    def run(self, image: np.ndarray, targets: np.ndarray, layers: list[str]) -> Outputs:
+        """image [B,3,H,W], targets [B,K] -> ``Outputs``"""
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """batch [S,3,H,W] -> logits [S,N]"""
@@ -75,13 +63,44 @@ class ExplainableModel(Protocol):
         """batch [S,3,H,W], classes [K] -> (logits [S,N], input gradients [S,K,3,H,W])"""
 
 
+class Runner(Protocol):
+    """How one prepared image reaches its graph. ``expect`` is called before the request is
+    prepared (a batch may wait for it), ``cancel`` when preparing failed, ``run`` with the
+    model input [1,3,H,W] and targets [K] -> ``Outputs`` of batch 1. The server's
+    ``Batcher`` is one; ``Direct`` runs the model at once."""
+
+    def expect(self) -> None: ...
+
+    def cancel(self) -> None: ...
+
+    def run(self, image: np.ndarray, targets: np.ndarray, layers: list[str],
+            alive: Callable[[], bool]) -> Outputs: ...
+
+
+class Direct:
+    """The ``Runner`` without batching: one ``model.run`` per request."""
+
+    def __init__(self, model: ExplainableModel) -> None:
+        self.model = model
+
+    def expect(self) -> None:
+        pass
+
+    def cancel(self) -> None:
+        pass
+
+    def run(self, image: np.ndarray, targets: np.ndarray, layers: list[str],
+            alive: Callable[[], bool] = lambda: True) -> Outputs:
+        return self.model.run(image, targets[None, :], layers)
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-request limits (RESOURCE_EXHAUSTED beyond them)."""
 
     max_targets: int = 64
     max_samples: int = 128  # smoothing copies per request
-    max_pixels: int = preprocess.DEFAULT_MAX_PIXELS  # decoded image size, checked first
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decoded image size, checked first
 
 
 @dataclass
@@ -103,18 +122,56 @@ class Job:
     inferred: int = 0
 
 
+@dataclass(frozen=True)
+class Target:
+    """One explained class: its index, label, logit, softmax probability and map."""
+
+    class_index: int
+    label: str
+    logit: float
+    probability: float
+    cam: np.ndarray  # float32 [H',W'] in the requested space, in [0, 1] unless raw
+
+
+@dataclass
+class Explained:
+    """An answered request, before any encoding: what the response and the SDK carry."""
+
+    model: str
+    model_version: str
+    method: str
+    layers: list[str]
+    geometry: Geometry
+    targets: list[Target]
+    logits: np.ndarray  # [1,N]
+    per_layer: dict[str, tuple[np.ndarray, np.ndarray]]  # activations, gradients per layer
+    timings_us: dict[str, int] = field(default_factory=dict)  # decode, preprocess, ...
+
+
 class Pipeline:
-    """Validates requests against ``limits`` and turns graph outputs into responses."""
+    """Validates requests against ``limits`` and turns graph outputs into maps."""
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
 
-    def explain(self, request: pb.ExplainRequest, model: ExplainableModel) -> pb.ExplainResponse:
-        """prepare -> one ``model.run`` -> respond (no batching)."""
-        job = self.prepare(request, model)
-        outputs = model.run(job.image, job.targets[None, :], job.layers)
+    def explain(self, request: pb.ExplainRequest, model: ExplainableModel,
+                runner: Runner | None = None,
+                alive: Callable[[], bool] = lambda: True) -> Explained:
+        """prepare -> ``runner.run`` (default: ``Direct``) -> finish. ``alive`` says whether
+        the caller still waits: a request whose caller gave up is dropped before the graph
+        runs (DeadlineError)."""
+        runner = runner or Direct(model)
+        runner.expect()
+        try:
+            job = self.prepare(request, model)
+            if not alive():
+                raise DeadlineError("the caller gave up before the model ran")
+        except BaseException:
+            runner.cancel()
+            raise
+        outputs = runner.run(job.image, job.targets, job.layers, alive)
         job.inferred = time.perf_counter_ns()
-        return self.respond(request, model, job, outputs)
+        return self.finish(request, model, job, outputs)
 
     def prepare(self, request: pb.ExplainRequest, model: ExplainableModel) -> Job:
         """Validate the request and build the model input; nothing runs the graph yet."""
@@ -124,17 +181,17 @@ class Pipeline:
         decoded = time.perf_counter_ns()
         if rgb is None:
             image = self._tensor(request.tensor, model)
-            geometry = Geometry.identity(*model.input_size)
+            geometry = Geometry.identity(*model.card.input_size)
         else:
-            image, geometry = preprocess.preprocess(rgb, card.preprocessing)
+            image, geometry = preprocess(rgb, card.preprocessing)
         targets = self._targets(request, model)
-        method = request.method or "gradcam"
+        method = request.method or methods.DEFAULT_METHOD
         input_space = method in attributions.METHODS
         if input_space and model.saliency is None:
             raise CamserveError(f"method {method!r} needs model {model.name!r} exported with "
                                 "--input-gradients (its .saliency.onnx companion)")
         if not input_space:
-            cam.check_method(method)
+            methods.check_method(method)
         fusion = _FUSION.get(request.fusion)
         if fusion is None:
             raise CamserveError(f"unknown layer fusion value {request.fusion}")
@@ -160,11 +217,11 @@ class Pipeline:
         return Job(image, geometry, targets, method, fusion, layers, space, dtype, samples,
                     started, decoded, time.perf_counter_ns())
 
-    def respond(self, request: pb.ExplainRequest, model: ExplainableModel, job: Job,
-                 outputs: tuple) -> pb.ExplainResponse:
-        """Maps from the graph's outputs, and the response message."""
+    def finish(self, request: pb.ExplainRequest, model: ExplainableModel, job: Job,
+               outputs: Outputs) -> Explained:
+        """Maps [K,H',W'] from the graph's outputs, with the scores of each target."""
         logits, classes, per_layer = outputs
-        size = None if job.space == pb.FEATURE_MAP else model.input_size  # input-space: H,W
+        size = None if job.space == pb.FEATURE_MAP else model.card.input_size
         normalize = not request.raw_maps
         if job.method in attributions.METHODS:
             maps = self._input_space_maps(request, model, job, classes[0], per_layer)
@@ -173,35 +230,21 @@ class Pipeline:
                                   (job.method, size, job.fusion, normalize))
         else:
             forward = _forwards(model, job.image, classes[0], list(per_layer))
-            maps = cam.cam_maps(job.method, [(a[0], g[0]) for a, g in per_layer.values()],
-                                size, job.fusion, normalize, forward)
+            maps = methods.cam_maps(job.method, [(a[0], g[0]) for a, g in per_layer.values()],
+                                    size, job.fusion, normalize, forward)
         if job.space == pb.ORIGINAL_IMAGE:
             maps = np.stack([to_original(m, job.geometry) for m in maps])
         probabilities = _softmax(logits[0])
         labels = model.card.labels
-        response = pb.ExplainResponse(
-            request_id=request.request_id, model=model.name, model_version=model.version,
-            method=job.method, layers=job.layers, geometry=_geometry(job.geometry))
-        for k, class_index in enumerate(classes[0]):
-            response.targets.add(class_index=int(class_index), label=labels[class_index],
-                                 logit=float(logits[0, class_index]),
-                                 probability=float(probabilities[class_index]),
-                                 cam=_encode_map(maps[k], job.dtype))
-        options = request.output
-        if options.include_logits:
-            response.raw.logits.CopyFrom(tensors.to_proto(logits))
-        for name, (activations, gradients) in per_layer.items():
-            if options.include_activations:
-                response.raw.activations[name].CopyFrom(tensors.to_proto(activations))
-            if options.include_gradients:
-                response.raw.gradients[name].CopyFrom(tensors.to_proto(gradients))
+        targets = [Target(int(c), labels[c], float(logits[0, c]), float(probabilities[c]), maps[k])
+                   for k, c in enumerate(classes[0])]
         finished = time.perf_counter_ns()
-        response.timings.CopyFrom(pb.Timings(
-            decode_us=(job.decoded - job.started) // 1000,
-            preprocess_us=(job.prepared - job.decoded) // 1000,
-            inference_us=(job.inferred - job.prepared) // 1000,
-            postprocess_us=(finished - job.inferred) // 1000))
-        return response
+        timings = {"decode_us": (job.decoded - job.started) // 1000,
+                   "preprocess_us": (job.prepared - job.decoded) // 1000,
+                   "inference_us": (job.inferred - job.prepared) // 1000,
+                   "postprocess_us": (finished - job.inferred) // 1000}
+        return Explained(model.name, model.version, job.method, job.layers, job.geometry,
+                         targets, logits, per_layer, timings)
 
     def _check_attribution_size(self, request: pb.ExplainRequest, method: str,
                                 targets: int) -> None:
@@ -239,8 +282,8 @@ class Pipeline:
         gradients = attributions.saliency(image, classes, model.gradients_of)
         if method == "saliency":
             return gradients
-        grad_cam = cam.cam_maps("gradcam", [(a[0], g[0]) for a, g in per_layer.values()], None,
-                                job.fusion)
+        grad_cam = methods.cam_maps("gradcam", [(a[0], g[0]) for a, g in per_layer.values()],
+                                    None, job.fusion)
         return attributions.guided_gradcam(gradients, grad_cam)
 
     def _samples(self, smoothing: pb.Smoothing) -> int:
@@ -262,32 +305,32 @@ class Pipeline:
         """Maps [K,H,W] averaged over perturbed copies, all run through the graph at once."""
         method, size, fusion, normalize = how
         rng = np.random.default_rng(smoothing.seed or None)
-        batch, mirrored = cam.perturbed_batch(image, smoothing.noise_samples,
+        batch, mirrored = perturbed_batch(image, smoothing.noise_samples,
                                               smoothing.noise_sigma, smoothing.horizontal_flip,
                                               rng)
         targets = np.repeat(classes, len(batch), axis=0)  # the clean image's classes
         _, _, per_layer = model.run(batch, targets, layers)
         maps = np.stack([
-            cam.cam_maps(method, [(a[s], g[s]) for a, g in per_layer.values()], size, fusion,
+            methods.cam_maps(method, [(a[s], g[s]) for a, g in per_layer.values()], size, fusion,
                          normalize, _forwards(model, batch[s:s + 1], classes[0],
                                               list(per_layer)))
             for s in range(len(batch))])
-        return cam.average_maps(maps, mirrored, normalize)
+        return average_maps(maps, mirrored, normalize)
 
     def _decode(self, request: pb.ExplainRequest) -> np.ndarray | None:
         """The request's photo as uint8 RGB [H,W,3], or None for a preprocessed tensor."""
         kind = request.WhichOneof("image")
         if kind == "encoded":
-            return preprocess.decode(request.encoded, self.limits.max_pixels)
+            return decode(request.encoded, self.limits.max_pixels)
         if kind == "pixels":
             p = request.pixels
-            return preprocess.from_pixels(p.height, p.width, p.pixels, self.limits.max_pixels)
+            return from_pixels(p.height, p.width, p.pixels, self.limits.max_pixels)
         if kind == "tensor":
             return None
         raise CamserveError("the request has no image: set encoded, pixels or tensor")
 
     def _tensor(self, message: pb.Tensor, model: ExplainableModel) -> np.ndarray:
-        height, width = model.input_size
+        height, width = model.card.input_size
         if message.dtype != pb.FLOAT32:
             raise CamserveError(f"a preprocessed tensor must be FLOAT32, got "
                                 f"{tensors.dtype_name(message.dtype)}")
@@ -302,7 +345,7 @@ class Pipeline:
 
     def _targets(self, request: pb.ExplainRequest, model: ExplainableModel) -> np.ndarray:
         """The graph's ``targets`` row: explicit classes, then -1..-top_k."""
-        n = model.num_classes
+        n = model.card.num_classes
         bad = [c for c in request.classes if not 0 <= c < n]
         if bad:
             raise CamserveError(f"class index {bad[0]} is out of range: model {model.name!r} "
@@ -319,13 +362,37 @@ class Pipeline:
 
 
 def _forwards(model: ExplainableModel, image: np.ndarray, classes: np.ndarray,
-              layers: list[str]) -> list[cam.Forward]:
-    """One ``cam.Forward`` per layer, for the methods that run the network again: the
+              layers: list[str]) -> list[methods.Forward]:
+    """One ``methods.Forward`` per layer, for the methods that run the network again: the
     explainer's logits of a batch, and the layer's head (``ablationcam``; a model without
     one answers with a MissingCompanionError saying what to do)."""
-    return [cam.Forward(image, classes, model.logits,
+    return [methods.Forward(image, classes, model.logits,
                         head_logits_of=functools.partial(model.head_logits, layer))
             for layer in layers]
+
+
+def to_response(explained: Explained, request: pb.ExplainRequest) -> pb.ExplainResponse:
+    """The ExplainResponse of ``explained``: maps encoded in the request's dtype, raw tensors
+    when asked for."""
+    dtype = request.output.dtype or pb.FLOAT32
+    response = pb.ExplainResponse(
+        request_id=request.request_id, model=explained.model,
+        model_version=explained.model_version, method=explained.method,
+        layers=explained.layers, geometry=_geometry(explained.geometry),
+        timings=pb.Timings(**explained.timings_us))
+    for target in explained.targets:
+        response.targets.add(class_index=target.class_index, label=target.label,
+                             logit=target.logit, probability=target.probability,
+                             cam=_encode_map(target.cam, dtype))
+    options = request.output
+    if options.include_logits:
+        response.raw.logits.CopyFrom(tensors.to_proto(explained.logits))
+    for name, (activations, gradients) in explained.per_layer.items():
+        if options.include_activations:
+            response.raw.activations[name].CopyFrom(tensors.to_proto(activations))
+        if options.include_gradients:
+            response.raw.gradients[name].CopyFrom(tensors.to_proto(gradients))
+    return response
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

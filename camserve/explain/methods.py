@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from camserve.errors import CamserveError
-from camserve.geometry import resize_map
+from camserve.errors import CallerError
+from camserve.explain.geometry import resize_map
 
 CamMethod = Callable[[np.ndarray, np.ndarray], np.ndarray]
 EPSILON = 1e-7
@@ -187,10 +187,11 @@ def _interpolation_matrix(size_in: int, size_out: int) -> np.ndarray:
     return matrix
 
 
-FUSIONS = ("mean", "sum", "max")
+FUSIONS = ("mean", "sum", "max")  # how several layers' maps combine; the first is the default
+DEFAULT_METHOD = "gradcam"  # what a request that names no method gets
 
 
-class MethodError(CamserveError):
+class MethodError(CallerError):
     """An unknown method or fusion rule."""
 
 
@@ -250,28 +251,3 @@ def cam_maps(method_name: str, layers: list[tuple[np.ndarray, np.ndarray]],
         reduce = {"mean": np.mean, "sum": np.sum, "max": np.max}[fusion]
         fused = np.maximum(reduce(stacked, axis=0), 0)
     return normalize_maps(fused) if normalize else fused
-
-
-def perturbed_batch(image: np.ndarray, noise_samples: int, sigma: float, flip: bool,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Copies of ``image`` [1,3,H,W] to average over: ``noise_samples`` copies with Gaussian
-    noise of std ``sigma`` * (max - min) (or the image itself when 0), then, with ``flip``,
-    each of them mirrored. Returns the batch [S,3,H,W] and which rows are mirrored [S]."""
-    if noise_samples:
-        scale = sigma * float(image.max() - image.min())
-        noise = rng.standard_normal((noise_samples, *image.shape[1:]), dtype=np.float32)
-        batch = image + np.float32(scale) * noise
-    else:
-        batch = image.copy()
-    mirrored = np.zeros(len(batch), dtype=bool)
-    if flip:
-        batch = np.concatenate([batch, batch[..., ::-1]])
-        mirrored = np.concatenate([mirrored, ~mirrored])
-    return np.ascontiguousarray(batch), mirrored
-
-
-def average_maps(maps: np.ndarray, mirrored: np.ndarray, normalize: bool = True) -> np.ndarray:
-    """Mean over samples of maps [S,K,H,W], mirroring back the rows of mirrored images."""
-    unmirrored = np.where(mirrored[:, None, None, None], maps[..., ::-1], maps)
-    mean = unmirrored.mean(axis=0)
-    return normalize_maps(mean) if normalize else mean

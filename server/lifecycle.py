@@ -1,0 +1,131 @@
+"""The server's gate: calls in flight counted per model generation, refused once closing.
+
+``Gate`` is a gRPC interceptor in front of every service but health and reflection. Stopping
+closes it (new calls get UNAVAILABLE, so a client retries another replica) and waits for the
+calls in flight to finish (``wait_settled``); a model reload starts a new generation
+(``advance``) so the replaced models' batchers close once the calls of older generations
+are done (``wait_idle(upto=...)``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import grpc
+from camserve.server.security import is_open, refusal
+
+SETTLE_SECONDS = 0.1  # on stop: quiet time that proves no admitted call is still queued
+
+
+class Gate(grpc.ServerInterceptor):
+    """Counts the calls in flight (per model generation) and, once closed, answers new ones
+    UNAVAILABLE. Health and reflection pass untouched, so probes see NOT_SERVING."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._open = True
+        self._hurry = False
+        self._generation = 0
+        self._active: Counter[int] = Counter()  # generation -> calls in flight
+        self._started = 0  # calls that reached a worker, ever
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or is_open(handler_call_details.method):
+            return handler
+        with self._cond:
+            refuse = not self._open
+        if refuse:
+            return refusal(handler, grpc.StatusCode.UNAVAILABLE,
+                           "the server is shutting down; retry with another replica")
+        return self._counted(handler)
+
+    def _enter(self) -> int:
+        with self._cond:
+            self._started += 1
+            self._active[self._generation] += 1
+            return self._generation
+
+    def _leave(self, generation: int) -> None:
+        with self._cond:
+            self._active[generation] -= 1
+            if not self._active[generation]:
+                del self._active[generation]
+            self._cond.notify_all()
+
+    def _counted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.response_streaming:
+            inner = handler.unary_stream or handler.stream_stream
+
+            def behavior(request, context):
+                generation = self._enter()
+                try:
+                    yield from inner(request, context)
+                finally:
+                    self._leave(generation)
+        else:
+            inner = handler.unary_unary or handler.stream_unary
+
+            def behavior(request, context):
+                generation = self._enter()
+                try:
+                    return inner(request, context)
+                finally:
+                    self._leave(generation)
+
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(handler.request_streaming, handler.response_streaming)]
+        return make(behavior, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+    @property
+    def in_flight(self) -> int:
+        with self._cond:
+            return sum(self._active.values())
+
+    def close(self) -> None:
+        """Refuse every new call from now on."""
+        with self._cond:
+            self._open = False
+
+    def hurry(self) -> None:
+        """Stop waiting for calls in flight (a second stop signal)."""
+        with self._cond:
+            self._hurry = True
+            self._cond.notify_all()
+
+    def advance(self) -> int:
+        """Start a new generation (after a model swap); returns the last old one."""
+        with self._cond:
+            self._generation += 1
+            return self._generation - 1
+
+    def wait_idle(self, timeout: float, upto: int | None = None) -> bool:
+        """Wait until no call (of generation ``upto`` or older) is in flight; False when
+        ``timeout`` seconds passed first or ``hurry`` was called."""
+        def idle() -> bool:
+            return self._hurry or not any(n for g, n in self._active.items()
+                                          if upto is None or g <= upto)
+        with self._cond:
+            return self._cond.wait_for(idle, timeout) and not self._hurry
+
+    def wait_settled(self, timeout: float, settle: float = SETTLE_SECONDS) -> bool:
+        """``wait_idle``, and then idle for ``settle`` seconds on end: a call that passed the
+        gate before it closed but still waited for a worker thread is not counted yet, and
+        stopping the gRPC server under it would cancel it (CANCELLED). False as for
+        ``wait_idle``."""
+        deadline = time.monotonic() + timeout
+        while self.wait_idle(max(0.0, deadline - time.monotonic())):
+            with self._cond:
+                started = self._started
+            time.sleep(max(0.0, min(settle, deadline - time.monotonic())))
+            with self._cond:
+                if self._started == started:
+                    return True
+        return False
