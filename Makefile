@@ -6,7 +6,7 @@ MODELS := models
 DEMO_MODEL := $(MODELS)/efficientnet_lite0.onnx
 PROTO := protos/camserve/v1/explainer.proto
 
-.PHONY: install export serve cluster demo test proto bench clean
+.PHONY: install export serve cluster demo test test-unit check proto bench clean
 
 install: $(VENV)/.installed
 
@@ -36,8 +36,17 @@ cluster: install $(DEMO_MODEL)
 demo: install $(DEMO_MODEL)
 	bash scripts/demo.sh
 
+# Everything: unit tests, then live servers, real exports, the cluster (~4 min on 2 cores).
 test: install
 	$(PY) -m pytest -q
+
+# The fast suite to run while editing: no server, no export, seconds.
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+# The import directions of pyproject.toml's [tool.importlinter] contracts (also a unit test).
+check: install
+	$(PY) scripts/check_imports.py
 
 # Regenerate the committed gRPC stubs (the tests fail when they are stale).
 proto: install
