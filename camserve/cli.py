@@ -16,8 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     from camserve.client import cli as client_cli
     from camserve.export import cli as export_cli
     from camserve.server import cli as server_cli
-    from camserve.server import cluster_cli
-    from camserve.server import evaluate_cli
+    from camserve.server.cluster import cli as cluster_cli
+    from camserve.server.evaluate import cli as evaluate_cli
 
     parser = argparse.ArgumentParser(prog="camserve", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)

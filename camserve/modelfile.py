@@ -67,7 +67,7 @@ def read(path: str | Path) -> ModelFile:
     try:
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError, onnx raises various kinds
-        raise ContractError(f"{path.name}: not an ONNX model ({type(exc).__name__})") from exc
+        raise ContractError(f"{path.name}: not an ONNX file ({type(exc).__name__})") from exc
     folder = path.parent.resolve()
     for tensor in stored_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:

@@ -12,7 +12,6 @@ input-space methods and Ablation-CAM need ``camserve serve``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -20,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
 
-from camserve import contract
-from camserve.contract import ContractError, ModelCard
-from camserve.errors import CamserveError
+from camserve import contract, modelfile
+from camserve.errors import ContractError, OperatorError
+from camserve.modelfile import CompanionFileError
+from camserve.onnxgraph import stored_tensors
 
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_QUEUE_DELAY_US = 2000
@@ -35,7 +34,7 @@ _TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_F
           onnx.TensorProto.BOOL: "TYPE_BOOL", onnx.TensorProto.UINT8: "TYPE_UINT8"}
 
 
-class TritonRepoError(CamserveError):
+class TritonRepoError(OperatorError):
     """The file cannot become a Triton model (not an explainer, bad name, bad folder)."""
 
 
@@ -63,23 +62,17 @@ def write_triton_model(explainer: str | os.PathLike, repo: str | os.PathLike, *,
     if max_batch_size < 1:
         raise TritonRepoError("max_batch_size must be >= 1: the explainer graph is batched")
     try:
-        model = onnx.load(str(source), load_external_data=False)
-    except OSError as exc:
-        raise TritonRepoError(f"cannot read {str(source)!r}: {exc.strerror or exc}") from exc
-    except DecodeError:
-        raise TritonRepoError(f"{str(source)!r} is not an ONNX file") from None
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        found = modelfile.explainer(modelfile.read(source))
+    except CompanionFileError:
+        raise TritonRepoError(f"{str(source)!r} is a companion file; give the explainer") from None
+    except ContractError as exc:
+        raise TritonRepoError(f"{str(source)!r} cannot become a Triton model: {exc}") from None
+    model = found.file.proto
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in stored_tensors(model.graph)):
         raise TritonRepoError(f"{str(source)!r} keeps weights in external files; Triton's "
                               "entry needs one self-contained model.onnx")
-    props = {p.key: p.value for p in model.metadata_props}
-    try:
-        card = ModelCard.from_metadata(props)
-    except ContractError as exc:
-        raise TritonRepoError(f"{str(source)!r} is not a camserve explainer: {exc}") from None
-    if contract.companion_of(props) is not None:
-        raise TritonRepoError(f"{str(source)!r} is a companion file; give the explainer")
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-    text = render_config(model, name, {**card.to_metadata(), contract.KEY_SHA256: digest},
+    text = render_config(model, name, {**found.card.to_metadata(),
+                                       contract.KEY_SHA256: found.version},
                          max_batch_size, max_queue_delay_us)
 
     folder = Path(repo) / name

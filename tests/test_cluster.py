@@ -25,8 +25,11 @@ import pytest
 from camserve.cli import main
 from camserve.client import Client, sdk
 from camserve.errors import CamserveError
-from camserve.server import envoy
-from camserve.server.cluster import Child, ClusterConfig, find_envoy, start_cluster
+from camserve.server.cluster import envoy
+from camserve.server.cluster.children import Child
+from camserve.server.cluster.options import ClusterConfig, find_envoy
+from camserve.server.cluster.supervisor import start_cluster
+from camserve.server.config import ServerConfig
 
 try:
     ENVOY = find_envoy()
@@ -120,12 +123,18 @@ def test_envoy_checks_health_where_the_replicas_answer_it(capsys):
 
 
 # --- three replicas under load --------------------------------------------------------------
+def _replica(models_dir: Path, **changes) -> ServerConfig:
+    """The replicas' options in these tests: one CPU thread each, model "tiny"."""
+    return ServerConfig(models=models_dir, device="cpu", intra_op_threads=1,
+                        default_model="tiny", grace_seconds=2).with_(**changes)
+
+
 @pytest.fixture(scope="module")
 def cluster(models_dir, tmp_path_factory):
     output = (tmp_path_factory.mktemp("cluster") / "children.log").open("w")
     running = start_cluster(ClusterConfig(
-        models=models_dir, replicas=3, port=0, device="cpu", intra_op_threads=1,
-        default_model="tiny", grace_seconds=5, start_timeout_s=120, output=output))
+        _replica(models_dir, grace_seconds=5), replicas=3, port=0, start_timeout_s=120,
+        output=output))
     yield running
     running.stop()
     output.close()
@@ -229,7 +238,7 @@ def test_three_replicas_share_the_load_and_a_sigterm_costs_no_call(cluster, serv
     # the replica drained and exited 0; the supervisor started it again on its port
     assert victim_code == 0
     deadline = time.monotonic() + 60
-    while not (victim.restarts >= 1 and victim.alive() and victim.listening.is_set()
+    while not (victim.restarts >= 1 and victim.alive() and victim.ready.is_set()
                and cluster.host_stats()[victim.address]["healthy"]):
         assert time.monotonic() < deadline, "the replica was not restarted"
         time.sleep(0.2)
@@ -265,8 +274,8 @@ def test_saturated_replicas_shed_load_but_stay_healthy(models_dir, tmp_path, mon
     _no_client_retries(monkeypatch)
     with (tmp_path / "children.log").open("w") as output:
         running = start_cluster(ClusterConfig(
-            models=models_dir, replicas=2, port=0, device="cpu", intra_op_threads=1,
-            workers=1, max_queue=1, default_model="tiny", grace_seconds=2, output=output))
+            _replica(models_dir, workers=1, max_queue=1), replicas=2, port=0,
+            output=output))
         try:
             assert all(r.health_port not in (0, r.port) for r in running.replicas)
             codes: dict[str, int] = {}
@@ -335,9 +344,8 @@ def test_cluster_serves_mutual_tls_only(models_dir, pki, tmp_path):
     replicas behind it stay on loopback."""
     with (tmp_path / "children.log").open("w") as output:
         running = start_cluster(ClusterConfig(
-            models=models_dir, replicas=1, port=0, device="cpu", intra_op_threads=1,
-            default_model="tiny", grace_seconds=2, output=output, tls_cert=pki["server_cert"],
-            tls_key=pki["server_key"], tls_client_ca=pki["ca"]))
+            _replica(models_dir), replicas=1, port=0, output=output,
+            tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=pki["ca"]))
         try:
             ca = pki["ca"].read_bytes()
             client_cert = grpc.ssl_channel_credentials(
@@ -425,9 +433,40 @@ def test_a_replica_that_cannot_start_is_a_readable_error(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     started = time.monotonic()
     with pytest.raises(CamserveError, match=r"replica 0 did not start: .*no explainer graph"):
-        start_cluster(ClusterConfig(models=tmp_path, replicas=1, port=0, device="cpu",
-                                    output=(tmp_path / "out.log").open("w")))
+        start_cluster(ClusterConfig(ServerConfig(models=tmp_path, device="cpu"), replicas=1,
+                                    port=0, output=(tmp_path / "out.log").open("w")))
     assert time.monotonic() - started < 60
+
+
+def test_replica_command_lines_are_the_serve_config_rendered(models_dir):
+    """camserve cluster's replica flags fill a ServerConfig template; each replica's command
+    line is that config with the ports the supervisor chose (config.to_argv), and camserve
+    serve reads it back as the same config."""
+    from camserve.cli import build_parser
+    from camserve.server import config as serve_config
+    from camserve.server.cluster.children import Replica
+    from camserve.server.cluster.cli import config_from
+    from camserve.server.cluster.options import replica_configs
+
+    args = build_parser().parse_args([
+        "cluster", "--models", str(models_dir), "--replicas", "2", "--device", "cpu",
+        "--no-batching", "--workers", "3", "--grace-seconds", "4", "--metrics-port-base",
+        "19100", "--port", "0", "--tls-cert", "c.pem", "--tls-key", "k.pem"])
+    config = config_from(args)
+    assert config.replica == ServerConfig(models=models_dir, device="cpu", batching=False,
+                                          workers=3, grace_seconds=4.0)
+    assert config.tls_cert == Path("c.pem") and config.replica.tls_cert is None
+    replicas = [Replica(i, c, None) for i, c in enumerate(replica_configs(config))]
+    ports = [p for r in replicas for p in (r.port, r.health_port)]
+    assert len(set(ports)) == 4 and 0 not in ports
+    assert [r.metrics_port for r in replicas] == [19100, 19101]
+    for replica in replicas:
+        argv = replica.argv()
+        assert argv[1:4] == ["-m", "camserve", "serve"]
+        served = serve_config.from_args(build_parser().parse_args(argv[3:]))
+        assert served == replica.config == config.replica.with_(
+            host="127.0.0.1", port=replica.port, health_port=replica.health_port,
+            metrics_port=replica.metrics_port)
 
 
 def test_restart_delay_doubles_while_a_child_keeps_failing():
@@ -439,7 +478,7 @@ def test_restart_delay_doubles_while_a_child_keeps_failing():
 
 
 def test_host_stats_come_from_envoys_clusters_json():
-    from camserve.server.cluster import parse_host_stats
+    from camserve.server.cluster.probes import parse_host_stats
 
     sample = {"cluster_statuses": [{"name": "camserve", "host_statuses": [
         {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},

@@ -12,8 +12,8 @@ import pytest
 
 from camserve.cli import main
 from camserve.contract import Preprocessing
-from camserve.server import evaluation as ev
-from camserve.server.attributions import black_baseline
+from camserve.server.evaluate import metrics as ev
+from camserve.explain.attributions import black_baseline
 
 from conftest import SAMPLES
 
@@ -169,9 +169,9 @@ def test_random_map_is_seeded_smooth_and_normalised():
 def lite0_scores(lite0_dir):
     """Per sample photo: deletion and insertion AUC of Grad-CAM, and of random maps (mean
     over three seeds), for the top-1 class."""
-    from camserve.server.cam import cam_maps
-    from camserve.server.models import load_model
-    from camserve.server.preprocess import decode, preprocess
+    from camserve.explain.methods import cam_maps
+    from camserve.server.runtime import load_model
+    from camserve.explain.image import decode, preprocess
 
     model = load_model(lite0_dir / "efficientnet_lite0.onnx", device="cpu")
     spec = model.card.preprocessing

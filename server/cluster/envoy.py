@@ -15,7 +15,7 @@ cluster of the replicas:
 - request bodies up to the server's message limit are kept for a retry;
 - the admin interface on loopback only.
 
-``python -m camserve.server.envoy HOST:PORT ... [--host H] [--port P] [--admin-port A]``
+``python -m camserve.server.cluster.envoy HOST:PORT ... [--host H] [--port P] [--admin-port A]``
 prints the configuration for other addresses.
 """
 
@@ -25,11 +25,12 @@ import argparse
 import ipaddress
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from camserve.errors import CamserveError
+from camserve.errors import CamserveError, OperatorError
 
 CLUSTER = "camserve"
 ADMIN_HOST = "127.0.0.1"  # the admin interface can reconfigure and stop Envoy: loopback only
@@ -55,11 +56,11 @@ _CONNECTIONS_MONITOR = ("type.googleapis.com/envoy.extensions.resource_monitors.
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """"host:port" (IPv6 in brackets) -> (host, port); CamserveError when malformed."""
+    """"host:port" (IPv6 in brackets) -> (host, port); OperatorError when malformed."""
     host, sep, port = address.strip().rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise CamserveError(f"replica address {address!r} is not HOST:PORT")
+        raise OperatorError(f"replica address {address!r} is not HOST:PORT")
     return host, int(port)
 
 
@@ -232,15 +233,15 @@ def bootstrap(replicas: Sequence[str], *, listen_host: str = "127.0.0.1",
     the admin interface on 127.0.0.1:``admin_port`` (0: any free port); ``health_ports`` as
     for ``upstream_cluster``."""
     if not replicas:
-        raise CamserveError("at least one replica address is needed")
+        raise OperatorError("at least one replica address is needed")
     if health_ports is not None and (
             len(health_ports) != len(replicas)
             or any(p is not None and not 0 < p < 65536 for p in health_ports)):
-        raise CamserveError("give one health port (1..65535) per replica")
+        raise OperatorError("give one health port (1..65535) per replica")
     if not 0 <= listen_port < 65536 or not 0 <= admin_port < 65536:
-        raise CamserveError("ports must be within 0..65535")
+        raise OperatorError("ports must be within 0..65535")
     if num_retries < 0:
-        raise CamserveError("the number of retries must be >= 0")
+        raise OperatorError("the number of retries must be >= 0")
     return {
         "admin": {"address": _socket(ADMIN_HOST, admin_port)},
         "static_resources": {
@@ -259,16 +260,16 @@ def bootstrap(replicas: Sequence[str], *, listen_host: str = "127.0.0.1",
 def listener_tls(cert: Path | None, key: Path | None,
                  client_ca: Path | None = None) -> ListenerTls | None:
     """``ListenerTls`` from the --tls-* options (None without them), with absolute paths of
-    files that exist; CamserveError for an incomplete or unreadable set."""
+    files that exist; OperatorError for an incomplete or unreadable set."""
     if cert is None and key is None and client_ca is None:
         return None
     if cert is None or key is None:
-        raise CamserveError("TLS needs both --tls-cert and --tls-key"
+        raise OperatorError("TLS needs both --tls-cert and --tls-key"
                             + (" (--tls-client-ca is mutual TLS on top)" if client_ca else ""))
     files = {"--tls-cert": cert, "--tls-key": key, "--tls-client-ca": client_ca}
     for flag, path in files.items():
         if path is not None and not Path(path).is_file():
-            raise CamserveError(f"{flag} {str(path)!r} is not a readable file")
+            raise OperatorError(f"{flag} {str(path)!r} is not a readable file")
     return ListenerTls(Path(cert).resolve(), Path(key).resolve(),
                        Path(client_ca).resolve() if client_ca is not None else None)
 
@@ -281,7 +282,7 @@ def render(config: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the configuration for the replica addresses given on the command line."""
     parser = argparse.ArgumentParser(
-        prog="python -m camserve.server.envoy",
+        prog="python -m camserve.server.cluster.envoy",
         description="Print Envoy's configuration for camserve replicas (JSON).")
     parser.add_argument("replicas", nargs="+", metavar="HOST:PORT",
                         help="a replica's address (IP, or a name Envoy resolves)")

@@ -1,4 +1,8 @@
-"""``camserve cluster``: N ``camserve serve`` replicas behind one Envoy on one port."""
+"""``camserve cluster``: N ``camserve serve`` replicas behind one Envoy on one port.
+
+The replicas' flags are ``camserve serve``'s own (``camserve.server.config``); the rest are
+the cluster's.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,11 @@ import logging
 import queue
 import signal
 from pathlib import Path
+
+from camserve.server import config as serve_config
+from camserve.server.cluster.options import REPLICA_OPTIONS
+
+TEMPLATE_OPTIONS = ("models", *REPLICA_OPTIONS)  # what the replicas' ServerConfig is made of
 
 
 def add_parser(subparsers) -> None:
@@ -18,7 +27,7 @@ def add_parser(subparsers) -> None:
                     "restarted. SIGTERM/SIGINT: Envoy takes no new connections, the replicas "
                     "finish their calls in flight, everything exits.")
     p.add_argument("--replicas", type=int, default=3, help="camserve serve processes (default 3)")
-    p.add_argument("--models", type=Path, default=Path("models"), help="models folder")
+    serve_config.add_arguments(p, names=["models"])
     p.add_argument("--host", default="127.0.0.1",
                    help="Envoy's listen address, an IP (default: loopback)")
     p.add_argument("--port", type=int, default=50050,
@@ -37,39 +46,25 @@ def add_parser(subparsers) -> None:
     tls.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
     tls.add_argument("--tls-client-ca", type=Path, metavar="FILE",
                      help="PEM CA: callers must show a certificate it signed (mutual TLS)")
-    replica = p.add_argument_group("replicas (options of camserve serve)")
-    replica.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    replica.add_argument("--intra-op-threads", type=int, default=None,
-                         help="onnxruntime threads per inference in each replica")
-    replica.add_argument("--max-batch-size", type=int, default=8)
-    replica.add_argument("--max-queue-delay-ms", type=float, default=2.0)
-    replica.add_argument("--no-batching", action="store_true")
-    replica.add_argument("--workers", type=int, default=16)
-    replica.add_argument("--max-queue", type=int, default=64)
-    replica.add_argument("--default-model")
-    replica.add_argument("--auth-token-file", type=Path, metavar="FILE",
-                         help="every replica requires this bearer token (Envoy passes it on)")
+    replica = p.add_argument_group("replicas (options of camserve serve; --auth-token-file: "
+                                   "Envoy passes the token on)")
+    serve_config.add_arguments(replica, names=REPLICA_OPTIONS)
     replica.add_argument("--metrics-port-base", type=int, metavar="P",
                          help="replica i serves Prometheus metrics on port P + i")
-    replica.add_argument("--grace-seconds", type=float, default=10.0,
-                         help="on stop: how long calls in flight may take to finish (default 10)")
     p.set_defaults(run=run)
 
 
 def config_from(args: argparse.Namespace):
     """The ClusterConfig the command line asks for."""
-    from camserve.server.cluster import ClusterConfig
+    from camserve.server.cluster.options import ClusterConfig
 
+    template = serve_config.ServerConfig(**{name: getattr(args, name)
+                                            for name in TEMPLATE_OPTIONS})
     return ClusterConfig(
-        models=args.models, replicas=args.replicas, host=args.host, port=args.port,
+        replica=template, replicas=args.replicas, host=args.host, port=args.port,
         admin_port=args.admin_port, envoy=args.envoy, num_retries=args.retries,
-        device=args.device, intra_op_threads=args.intra_op_threads,
-        batching=not args.no_batching, max_batch_size=args.max_batch_size,
-        max_queue_delay_ms=args.max_queue_delay_ms, workers=args.workers,
-        max_queue=args.max_queue, default_model=args.default_model,
-        auth_token_file=args.auth_token_file, metrics_port_base=args.metrics_port_base,
-        grace_seconds=args.grace_seconds, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca)
+        metrics_port_base=args.metrics_port_base, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
 
 
 def _interrupt(signum, _frame) -> None:
@@ -77,7 +72,9 @@ def _interrupt(signum, _frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from camserve.server.cluster import start_cluster
+    """Start the cluster, print its address, and stop it on SIGTERM/SIGINT (a second one
+    makes the replicas cancel the calls still in flight)."""
+    from camserve.server.cluster.supervisor import start_cluster
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = config_from(args)

@@ -5,7 +5,7 @@ Every function here is pure: images are the model's *preprocessed* input, one im
 ``[B,3,H,W]``; maps are ``[H,W]`` float32 in [0, 1] at model-input size unless a function says
 it works on the original photo's grid. Running the graph is the caller's business: the
 curve functions build the perturbed batch, the caller runs it once and passes the class
-probabilities back (``camserve evaluate`` does this in ``evaluate_cli``).
+probabilities back (``camserve evaluate`` does this in ``scoring.py``).
 
 Metrics and the choices made for them:
 
@@ -43,11 +43,10 @@ when x0 <= x < x1 and y0 <= y < y1), as ``camserve.client`` writes them.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
-
 
 Box = tuple[float, float, float, float]
 
