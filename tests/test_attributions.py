@@ -1,5 +1,5 @@
 """Input-space attributions: the saliency companion graph against torch.autograd, its file
-and its loading, the NumPy methods of ``camserve.server.attributions``, and the CLI flag.
+and its loading, the NumPy methods of ``camserve.explain.attributions``, and the CLI flag.
 
 The companion is exported for TinyNet (64x64) and a random resnet18 (96x96); every graph
 runs in onnxruntime on the CPU.
@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import gradcheck
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -26,8 +27,8 @@ from camserve.contract import ModelCard
 from camserve.errors import CamserveError
 from camserve.export import ExportError, export_explainer
 from camserve.export.models import load
-from camserve.server import attributions, cam
-from camserve.server.models import MissingCompanionError, load_model, load_models
+from camserve.explain import attributions, methods
+from camserve.server.runtime import MissingCompanionError, load_model, load_models
 
 TARGET_CASES = {
     "B1K1": [[-1]],
@@ -77,21 +78,31 @@ def _images(batch: int, size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
 
 
-def _reference(module: torch.nn.Module, images: np.ndarray, targets):
-    """torch.autograd: logits, resolved classes, d logits[b, class] / d image[b]."""
-    x = torch.from_numpy(images).requires_grad_(True)
+def _input_gradients(model: torch.nn.Module, images: np.ndarray,
+                     classes: np.ndarray | None, targets=None):
+    """float64 autograd: logits [B,N], classes [B,K] (resolved from ``targets`` when None)
+    and d logits[b, class] / d image[b] [B,K,3,H,W]; per k one backward of the sum over
+    the batch (in eval mode the samples do not interact)."""
+    x = torch.from_numpy(np.asarray(images, np.float64)).requires_grad_(True)
     with torch.enable_grad():
-        logits = module(x)
-    ranking = torch.argsort(logits.detach(), dim=1, descending=True).numpy()
-    targets = np.asarray(targets, np.int64)
-    classes = np.where(targets >= 0, targets,
-                       np.take_along_axis(ranking, np.maximum(-targets - 1, 0), axis=1))
-    grads = np.zeros((*classes.shape, *images.shape[1:]), np.float32)
-    for b in range(classes.shape[0]):
-        for k in range(classes.shape[1]):
-            grads[b, k] = torch.autograd.grad(logits[b, int(classes[b, k])], x,
-                                              retain_graph=True)[0][b].numpy()
+        logits = model(x)
+    if classes is None:
+        classes = gradcheck.resolve_classes(logits.detach().numpy(), targets)
+    rows = torch.arange(len(images))
+    grads = np.stack([torch.autograd.grad(logits[rows, torch.from_numpy(classes[:, k])].sum(),
+                                          x, retain_graph=True)[0].numpy()
+                      for k in range(classes.shape[1])], axis=1)
     return logits.detach().numpy(), classes, grads
+
+
+def _reference(module: torch.nn.Module, images: np.ndarray, targets):
+    """float64 torch.autograd: logits, resolved classes, and d logits[b, class] / d image[b]
+    as a ``gradcheck.Reference`` (its kink spread from the images' neighbours, on demand)."""
+    model = gradcheck.float64(module)
+    logits, classes, grads = _input_gradients(model, images, None, targets)
+    reference = gradcheck.Reference(grads, lambda: [
+        _input_gradients(model, near, classes)[2] for near in gradcheck.neighbours(images)])
+    return logits, classes, reference
 
 
 def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -119,11 +130,55 @@ def test_input_gradients_match_torch_autograd(request, name):
         images = _images(len(targets), exported.size, seed)
         logits, classes, grads = session.run(
             None, {contract.IMAGE: images, contract.TARGETS: np.asarray(targets, np.int64)})
-        ref_logits, ref_classes, ref_grads = _reference(exported.module, images, targets)
+        ref_logits, ref_classes, reference = _reference(exported.module, images, targets)
         np.testing.assert_array_equal(classes, ref_classes, err_msg=case)
         assert _relative_error(logits, ref_logits) <= 1e-4, case
-        error = _relative_error(grads, ref_grads)
-        assert error <= 1e-4, f"{name} {case}: max error {error:.3g} x max|ref|"
+        verdict = gradcheck.assert_gradients_close(grads, reference, f"{name} {case}")
+        print(f"{name} {case}: {verdict}")
+
+
+def _with_one_adjoint_channel_off(path: Path) -> bytes:
+    """The companion at ``path`` with a wrong adjoint: in the Scan body, the ConvTranspose
+    that back-propagates through ``layer2.0.conv2`` (the 6th from the output side, inside
+    a residual block) reads a copy of the weight with one output channel scaled by 1.01;
+    the forward Conv still reads the original."""
+    model = onnx.load(str(path))
+    (scan,) = [n for n in model.graph.node if n.op_type == "Scan"]
+    body = scan.attribute[0].g
+    transposed = [n for n in body.node if n.op_type == "ConvTranspose"]
+    assert len(transposed) == 20  # resnet18: 17 convolutions + 3 downsample, last first
+    node = transposed[5]
+    weights = {i.name: i for i in [*model.graph.initializer, *body.initializer]}
+    weight = onnx.numpy_helper.to_array(weights[node.input[1]]).copy()
+    weight[0] *= 1.01
+    body.initializer.append(onnx.numpy_helper.from_array(weight, "corrupt/weight"))
+    node.input[1] = "corrupt/weight"
+    return model.SerializeToString()
+
+
+def test_gradient_check_passes_a_kink_and_fails_a_wrong_adjoint(resnet18):
+    """resnet18 at the B1K1 input above has a unit at its kink (gradcheck's docstring):
+    a correct gradient from the other side of it (float64 autograd 3e-6 away, as float32
+    on another CPU lands) fails the old 1e-4 element-wise check and passes gradcheck's;
+    onnxruntime's gradient with one output channel of one adjoint convolution off by 1 %
+    fails it."""
+    images = _images(1, 96, 0)
+    _, classes, reference = _reference(resnet18.module, images, TARGET_CASES["B1K1"])
+    nudged = images + 3e-6 * np.random.default_rng(1).standard_normal(images.shape)
+    _, _, kinked = _input_gradients(gradcheck.float64(resnet18.module), nudged, classes)
+    verdict = gradcheck.assert_gradients_close(kinked, reference, "the other side")
+    assert verdict.plain > 50 * gradcheck.TOLERANCE, verdict  # the case is a kinked one
+    print(f"kinked but correct: {verdict}")
+
+    wrong = ort.InferenceSession(_with_one_adjoint_channel_off(resnet18.companion),
+                                 providers=["CPUExecutionProvider"])
+    _, wrong_classes, grads = wrong.run(None, {contract.IMAGE: images,
+                                               contract.TARGETS: np.array([[-1]], np.int64)})
+    np.testing.assert_array_equal(wrong_classes, classes)
+    verdict = gradcheck.compare(grads, reference, lazy=False)
+    print(f"wrong adjoint: {verdict}")
+    with pytest.raises(AssertionError, match="beyond the kink spread"):
+        gradcheck.assert_gradients_close(grads, reference, "wrong adjoint")
 
 
 # --- 2. the file ----------------------------------------------------------------------------
@@ -181,8 +236,8 @@ def test_load_models_attaches_the_companion(tiny, tmp_path, caplog):
     logits, classes, grads = model.input_gradients(images, np.array([[-1], [4]], np.int64))
     assert logits.shape == (2, 10) and classes[1, 0] == 4
     assert grads.shape == (2, 1, 3, 64, 64)
-    ref_logits, _, ref_grads = _reference(tiny.module, images, [[-1], [4]])
-    assert _relative_error(grads, ref_grads) <= 1e-4
+    _, _, reference = _reference(tiny.module, images, [[-1], [4]])
+    gradcheck.assert_gradients_close(grads, reference)
     same_logits, same = model.gradients_of(images, np.array([classes[0, 0], 4]))
     assert same.shape == (2, 2, 3, 64, 64)
     np.testing.assert_allclose(same[1, 1], grads[1, 0], rtol=1e-5, atol=1e-7)
@@ -274,8 +329,8 @@ def test_saliency_is_one_call_and_matches_torch(tiny, tiny_model_loaded):
     counting = Counting(tiny_model_loaded)
     maps = attributions.saliency(image, np.array([2, 8]), counting)
     assert counting.batches == [1] and maps.shape == (2, 64, 64)
-    _, _, grads = _reference(tiny.module, image, [[2, 8]])
-    expected = cam.normalize_maps(np.abs(grads[0]).max(axis=1))
+    _, _, reference = _reference(tiny.module, image, [[2, 8]])
+    expected = methods.normalize_maps(np.abs(reference.value[0]).max(axis=1))
     np.testing.assert_allclose(maps, expected, atol=1e-4)
 
 
@@ -301,7 +356,7 @@ def test_guided_gradcam_shape_and_range(tiny_model_loaded):
     gradient_maps = attributions.saliency(image, classes, model.gradients_of)
     _, _, per_layer = model.run(image, classes[None], [model.card.layers[0].name])
     ((activations, gradients),) = per_layer.values()
-    cam_maps = cam.cam_maps("gradcam", [(activations[0], gradients[0])], None)  # 32 x 32
+    cam_maps = methods.cam_maps("gradcam", [(activations[0], gradients[0])], None)  # 32 x 32
     assert cam_maps.shape == (2, 32, 32)
     guided = attributions.guided_gradcam(gradient_maps, cam_maps)
     assert guided.shape == (2, 64, 64) and guided.dtype == np.float32
@@ -345,7 +400,8 @@ def test_cli_writes_the_companion(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def served_tiny(tiny):
     from camserve.client import Client
-    from camserve.server.app import ServerConfig, start
+    from camserve.server.app import start
+    from camserve.server.config import ServerConfig
 
     running = start(ServerConfig(models=tiny.path.parent, port=0, device="cpu"))
     with Client(f"127.0.0.1:{running.port}", timeout=60) as client:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import gradcheck
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -162,35 +163,52 @@ class Reference:
     logits: np.ndarray  # [B,N]
     classes: np.ndarray  # [B,K]
     activations: dict[str, np.ndarray]  # layer -> [B,C,h,w]
-    gradients: dict[str, np.ndarray]  # layer -> [B,K,C,h,w]
+    gradients: dict[str, gradcheck.Reference]  # layer -> [B,K,C,h,w]
+
+
+def _autograd(model: torch.nn.Module, layers: list[str], images: np.ndarray,
+              classes: np.ndarray | None, targets=None):
+    """float64 autograd: logits, classes (resolved from ``targets`` when None), each layer's
+    activation and d logits[b, class] / d activation [B,K,C,h,w]; per k one backward of the
+    sum over the batch (in eval mode the samples do not interact)."""
+    x = torch.from_numpy(np.asarray(images, np.float64))
+    with torch.enable_grad(), capture(model, layers) as store:
+        logits = model(x)
+    acts = [store[name] for name in layers]
+    if classes is None:
+        classes = gradcheck.resolve_classes(logits.detach().numpy(), targets)
+    rows = torch.arange(len(images))
+    per_k = [torch.autograd.grad(logits[rows, torch.from_numpy(classes[:, k])].sum(), acts,
+                                 retain_graph=True) for k in range(classes.shape[1])]
+    grads = {name: np.stack([grads[i].numpy() for grads in per_k], axis=1)
+             for i, name in enumerate(layers)}
+    return logits.detach().numpy(), classes, acts, grads
 
 
 def _reference(module: torch.nn.Module, layers: list[str], images: np.ndarray,
                targets) -> Reference:
-    """torch.autograd: d logits[b, class] / d activation, per sample and target."""
-    x = torch.from_numpy(images).requires_grad_(True)
-    with torch.enable_grad(), capture(module, layers) as store:
-        logits = module(x)
-    acts = [store[name] for name in layers]
-    ranking = torch.argsort(logits.detach(), dim=1, descending=True).numpy()
-    targets = np.asarray(targets, np.int64)
-    classes = np.where(targets >= 0, targets,
-                       np.take_along_axis(ranking, np.maximum(-targets - 1, 0), axis=1))
-    batch, k = classes.shape
-    grads = {name: np.zeros((batch, k, *act.shape[1:]), np.float32)
-             for name, act in zip(layers, acts)}
-    for b in range(batch):
-        for j in range(k):
-            per_layer = torch.autograd.grad(logits[b, int(classes[b, j])], acts,
-                                            retain_graph=True)
-            for name, grad in zip(layers, per_layer):
-                grads[name][b, j] = grad[b].numpy()
-    return Reference(logits.detach().numpy(), classes,
-                     {name: act.detach().numpy() for name, act in zip(layers, acts)}, grads)
+    """float64 torch.autograd: d logits[b, class] / d activation, per sample and target, as
+    ``gradcheck.Reference``s (their kink spread from the images' neighbours, on demand)."""
+    model = gradcheck.float64(module)
+    logits, classes, acts, grads = _autograd(model, layers, images, None, targets)
+    near: list[dict[str, np.ndarray]] = []
+
+    def at_neighbours(name: str) -> list[np.ndarray]:
+        if not near:  # all layers at once, the first time one is asked for
+            near.extend(_autograd(model, layers, x, classes)[3]
+                        for x in gradcheck.neighbours(images))
+        return [grads_near[name] for grads_near in near]
+
+    return Reference(logits, classes,
+                     {name: act.detach().numpy() for name, act in zip(layers, acts)},
+                     {name: gradcheck.Reference(grads[name],
+                                                lambda name=name: at_neighbours(name))
+                      for name in layers})
 
 
 def _assert_close(actual: np.ndarray, expected: np.ndarray, what: str,
                   rel: float = 1e-4) -> None:
+    """Element-wise, for values (logits, activations): continuous, so no kinks."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     scale = float(np.abs(expected).max())
     error = float(np.abs(actual - expected).max())
@@ -206,8 +224,9 @@ def _check_against_torch(exported: Exported, images: np.ndarray, targets) -> Non
     for layer in exported.result.card.layers:
         _assert_close(out[layer.activations], ref.activations[layer.name],
                       f"activations of {layer.name}")
-        _assert_close(out[layer.gradients], ref.gradients[layer.name],
-                      f"gradients of {layer.name}")
+        verdict = gradcheck.assert_gradients_close(
+            out[layer.gradients], ref.gradients[layer.name], f"gradients of {layer.name}")
+        print(f"{exported.spec.arch} {layer.name} B{len(images)}: {verdict}")
 
 
 def _nodes(graph: onnx.GraphProto):
@@ -361,7 +380,8 @@ def test_no_targets_runs_the_forward_only(exports, name, tmp_path):
     """K = 0 targets (what the server's logits-only calls send): same logits, empty
     classes and gradients; a file without ``allowzero`` on its Reshapes (an older export)
     is recognised and gets K = 1 instead."""
-    from camserve.server.models import accepts_no_targets, load_model
+    from camserve.onnxgraph import accepts_no_targets
+    from camserve.server.runtime import load_model
 
     exported = exports.get(name)
     images = _images(exported, 2, 7)

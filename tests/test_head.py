@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import gradcheck
 import grpc
 import numpy as np
 import onnx
@@ -27,9 +28,10 @@ from camserve import contract
 from camserve.client import Client
 from camserve.contract import ModelCard
 from camserve.export import ExportResult, export_explainer
-from camserve.server import cam
-from camserve.server.app import ServerConfig, start
-from camserve.server.models import MissingCompanionError, load_model, load_models
+from camserve.explain import methods
+from camserve.server.app import start
+from camserve.server.config import ServerConfig
+from camserve.server.runtime import MissingCompanionError, load_model, load_models
 
 
 @dataclass
@@ -210,10 +212,17 @@ def test_a_shape_read_from_before_the_cut_is_recomputed_in_the_head(tmp_path):
                                    logits[:count], rtol=1e-5, atol=1e-5)
     # the explainer's own head (a Scan per sample: the pooling is no global one) does the
     # same; it used to slice the shape tensor as if it were a batch
-    reference = module.conv(torch.from_numpy(images)).detach().requires_grad_(True)
-    pooled = torch.nn.functional.adaptive_avg_pool2d(torch.relu(reference), 4)
-    module.fc(pooled.view(3, -1))[range(3), classes[:, 0]].sum().backward()
-    np.testing.assert_allclose(gradients[:, 0], reference.grad.numpy(), rtol=1e-4, atol=1e-6)
+    double = gradcheck.float64(module)
+
+    def autograd(x: np.ndarray) -> np.ndarray:  # float64 d logit / d conv output [3,8,32,32]
+        conv = double.conv(torch.from_numpy(x)).detach().requires_grad_(True)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(torch.relu(conv), 4)
+        double.fc(pooled.view(3, -1))[range(3), classes[:, 0]].sum().backward()
+        return conv.grad.numpy()
+
+    reference = gradcheck.Reference(autograd(images.astype(np.float64)), lambda: [
+        autograd(x) for x in gradcheck.neighbours(images)])
+    gradcheck.assert_gradients_close(gradients[:, 0], reference)
 
 
 def test_efficientnet_lite0_has_a_head(lite0_dir):
@@ -281,9 +290,9 @@ def test_ablationcam_runs_the_head_in_batches():
         batches.append(len(batch))
         return batch.mean(axis=(2, 3)) @ weights + 1
 
-    forward = cam.Forward(np.zeros((1, 3, 8, 8), np.float32), np.array([2, 0]), None,
+    forward = methods.Forward(np.zeros((1, 3, 8, 8), np.float32), np.array([2, 0]), None,
                           batch_size=32, head_logits_of=head)
-    maps = cam.ablationcam(activations, forward)
+    maps = methods.ablationcam(activations, forward)
     assert batches == [32, 32, 7]  # 70 ablated copies and the activations themselves
     assert maps.shape == (2, 3, 3)
     # min(A) > 0: a channel is ablated to min(A) - 1e7
@@ -294,8 +303,8 @@ def test_ablationcam_runs_the_head_in_batches():
                          / original[k] for k in (2, 0)])
     np.testing.assert_allclose(maps, np.einsum("kc,chw->khw", expected, activations),
                                rtol=1e-3)
-    with pytest.raises(cam.MethodError, match="head"):
-        cam.ablationcam(activations, cam.Forward(forward.image, forward.classes, None))
+    with pytest.raises(methods.MethodError, match="head"):
+        methods.ablationcam(activations, methods.Forward(forward.image, forward.classes, None))
 
 
 def test_get_model_lists_ablationcam_only_with_a_head(server):
@@ -308,10 +317,11 @@ def test_get_model_lists_ablationcam_only_with_a_head(server):
 
 
 def test_model_without_a_head_does_not_offer_ablationcam(models_dir, tmp_path):
-    from camserve.server.models import load_models
+    from camserve.server.runtime import load_models
+    from camserve.server.repository import ModelRepository
     from camserve.server.service import ExplainerService
 
     (tmp_path / "tiny.onnx").write_bytes((models_dir / "tiny.onnx").read_bytes())
     models = load_models(tmp_path, device="cpu")
-    methods = ExplainerService(models).model_info(models["tiny"]).methods
+    methods = ExplainerService(ModelRepository(models)).model_info(models["tiny"]).methods
     assert "ablationcam" not in methods and "gradcam" in methods

@@ -27,8 +27,9 @@ from camserve import contract
 from camserve.contract import ContractError, ModelCard
 from camserve.export import ExportError, export_explainer
 from camserve.export import precision as fp16
-from camserve.server import cam, preprocess
-from camserve.server.models import load_models
+from camserve.explain import methods
+from camserve.explain.image import decode, preprocess
+from camserve.server.runtime import load_models
 
 from conftest import ROOT, SAMPLES
 
@@ -107,7 +108,7 @@ def test_the_server_loads_them_with_their_companions(exported):
 
 
 def _photos():
-    return [preprocess.decode((SAMPLES / name).read_bytes()) for name in ("cat.jpg",
+    return [decode((SAMPLES / name).read_bytes()) for name in ("cat.jpg",
                                                                           "coffee.jpg")]
 
 
@@ -123,14 +124,14 @@ def test_gradcam_maps_agree_with_float32(loaded, name):
     layers = [layer.name for layer in full.card.layers]
     targets = np.array([[-1, -2, 3, 7]], np.int64)
     for photo in _photos():
-        image, _ = preprocess.preprocess(photo, full.card.preprocessing)
+        image, _ = preprocess(photo, full.card.preprocessing)
         logits32, classes32, per32 = full.run(image, targets, layers)
         logits16, classes16, per16 = half.run(image, targets, layers)
         assert logits16.dtype == np.float32 and classes16.dtype == np.int64
         np.testing.assert_allclose(logits16, logits32, atol=5e-3 * np.abs(logits32).max())
         assert np.array_equal(classes16, classes32)  # (the tiny net's logits are far apart)
-        maps32 = cam.cam_maps("gradcam", [(a[0], g[0]) for a, g in per32.values()], (64, 64))
-        maps16 = cam.cam_maps("gradcam", [(a[0], g[0]) for a, g in per16.values()], (64, 64))
+        maps32 = methods.cam_maps("gradcam", [(a[0], g[0]) for a, g in per32.values()], (64, 64))
+        maps16 = methods.cam_maps("gradcam", [(a[0], g[0]) for a, g in per16.values()], (64, 64))
         assert maps16.dtype == np.float32
         assert np.abs(maps16 - maps32).max() < MAP_TOLERANCE
         for m16, m32 in zip(maps16, maps32):
@@ -146,13 +147,13 @@ def test_companions_agree_with_float32(loaded):
     full, half = loaded["float32"]["tiny"], loaded["float16"]["tiny"]
     targets = np.array([[-1, 4]], np.int64)
     for photo in _photos():
-        image, _ = preprocess.preprocess(photo, full.card.preprocessing)
+        image, _ = preprocess(photo, full.card.preprocessing)
         _, _, grads32 = full.input_gradients(image, targets)
         _, _, grads16 = half.input_gradients(image, targets)
         assert grads16.dtype == np.float32 and grads16.shape == grads32.shape
         for g16, g32 in zip(grads16[0], grads32[0]):
             assert np.corrcoef(g16.ravel(), g32.ravel())[0, 1] > 0.99
-    image, _ = preprocess.preprocess(_photos()[0], full.card.preprocessing)
+    image, _ = preprocess(_photos()[0], full.card.preprocessing)
     activations = full.run(image, targets, ["features"])[2]["features"][0]
     logits32 = full.head_logits("features", activations)
     np.testing.assert_allclose(half.head_logits("features", activations), logits32,
