@@ -5,7 +5,7 @@ Attributes load lazily so that ``camserve.export.cli`` can be imported without t
 
 from __future__ import annotations
 
-__all__ = ["export_explainer", "ExportError", "ExportResult"]
+__all__ = ["ExportError", "ExportResult", "export_explainer"]
 
 
 def __getattr__(name: str):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import onnx
 import torch
@@ -15,11 +15,19 @@ import torch
 import camserve
 from camserve import contract
 from camserve.contract import Layer, ModelCard, Preprocessing
-from camserve.errors import CamserveError
-from camserve.export import graph, layers, precision as fp16
+from camserve.errors import OperatorError
+from camserve.export import layers
+from camserve.export import precision as fp16
+from camserve.export.common import OPSET
+from camserve.export.graph import (
+    LayerTensors,
+    build_explainer,
+    build_head,
+    build_saliency,
+)
 
 
-class ExportError(CamserveError):
+class ExportError(OperatorError):
     """The model cannot be exported as asked."""
 
 
@@ -76,7 +84,32 @@ def export_explainer(
     chosen_default = not target_layers
     names = [layers.default_layer(found)] if chosen_default else list(target_layers or [])
     chosen = layers.check_layers(names, found)
+    card = _card(model, example, chosen, names, labels, preprocess, architecture, precision)
 
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ExportError(f"output folder {str(path.parent)!r} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"output folder {str(path.parent)!r} is not writable")
+    with tempfile.TemporaryDirectory(prefix="camserve-export-") as scratch:
+        forward = _export_forward(model, names, example, Path(scratch) / "forward.onnx")
+        tensors = [LayerTensors(f"camserve_layer_{i}", layer.activations, layer.gradients)
+                   for i, layer in enumerate(card.layers)]
+        explainer = build_explainer(forward, tensors)
+        saliency = build_saliency(forward) if input_gradients else None
+        head, left_out = build_head(forward, tensors, contract.head_output_names(names))
+    if precision == contract.FLOAT16:
+        explainer, saliency, head = _to_float16(explainer, saliency, head, card)
+    head_layers = tuple(layer.name for layer in card.layers if layer.activations not in left_out)
+    companion, head_path = _write_files(path, card, explainer, saliency, head, head_layers)
+    return ExportResult(path, card, chosen_default, companion, head_path, head_layers)
+
+
+def _card(model: torch.nn.Module, example: torch.Tensor, chosen: list[layers.Candidate],
+          names: list[str], labels: Sequence[str] | None, preprocess: Preprocessing | None,
+          architecture: str, precision: str) -> ModelCard:
+    """The metadata of the export (see ``export_explainer`` for the defaults); raises
+    ExportError when ``model`` does not return logits [B,N] matching ``labels``."""
     with torch.no_grad():
         logits = model(example)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
@@ -86,41 +119,31 @@ def export_explainer(
     labels = list(labels) if labels is not None else [f"class {i}" for i in range(num_classes)]
     if len(labels) != num_classes:
         raise ExportError(f"{len(labels)} labels given for a model with {num_classes} classes")
-    preprocess = preprocess or Preprocessing(resize=int(round(min(height, width) * 256 / 224)),
+    height, width = example.shape[2:]
+    preprocess = preprocess or Preprocessing(resize=round(min(height, width) * 256 / 224),
                                              crop=(height, width))
-
-    output_names = contract.layer_output_names(names)
-    card = ModelCard(
+    return ModelCard(
         architecture=architecture, labels=tuple(labels), preprocessing=preprocess,
         layers=tuple(Layer(c.name, act, grad, c.shape)
-                     for c, (act, grad) in zip(chosen, output_names)),
+                     for c, (act, grad) in zip(chosen, contract.layer_output_names(names))),
         camserve_version=camserve.__version__, precision=precision)
 
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ExportError(f"output folder {str(path.parent)!r} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise ExportError(f"output folder {str(path.parent)!r} is not writable")
-    with tempfile.TemporaryDirectory(prefix="camserve-export-") as scratch:
-        forward = _export_forward(model, names, example, Path(scratch) / "forward.onnx")
-        tensors = [graph.LayerTensors(f"camserve_layer_{i}", act, grad)
-                   for i, (act, grad) in enumerate(output_names)]
-        explainer = graph.build_explainer(forward, tensors)
-        saliency = graph.build_saliency(forward) if input_gradients else None
-        head, left_out = graph.build_head(forward, tensors,
-                                          contract.head_output_names(names))
-    if precision == contract.FLOAT16:
-        explainer, saliency, head = _to_float16(explainer, saliency, head, card)
+
+def _write_files(path: Path, card: ModelCard, explainer: onnx.ModelProto,
+                 saliency: onnx.ModelProto | None, head: onnx.ModelProto | None,
+                 head_layers: tuple[str, ...]) -> tuple[Path | None, Path | None]:
+    """Write the explainer at ``path`` and the companions next to it, each with its
+    metadata, all or none; remove a companion an earlier export left there that this one
+    does not write. Returns the paths of the companions written (None: not written)."""
     files = [(explainer, path)]
     _add_metadata(explainer, card.to_metadata(),
-                  f"camserve explainer for {architecture} (graph contract v1)")
+                  f"camserve explainer for {card.architecture} (graph contract v1)")
     companion = contract.companion_path(path)
     if saliency is not None:
         _add_metadata(saliency, {**card.to_metadata(), **contract.companion_metadata(path.stem)},
                       f"camserve saliency companion of {path.name} (input gradients)")
         files.append((saliency, companion))
     head_path = contract.companion_path(path, contract.HEAD)
-    head_layers = tuple(layer.name for layer in card.layers if layer.activations not in left_out)
     if head is not None:
         _add_metadata(head, {**card.to_metadata(),
                              **contract.companion_metadata(path.stem, contract.HEAD)},
@@ -131,8 +154,8 @@ def export_explainer(
     for written, stale in ((saliency, companion), (head, head_path)):
         if written is None and stale.is_file():
             stale.unlink()  # it belongs to an earlier export of this name
-    return ExportResult(path, card, chosen_default, companion if saliency is not None else None,
-                        head_path if head is not None else None, head_layers)
+    return (companion if saliency is not None else None,
+            head_path if head is not None else None)
 
 
 def _to_float16(explainer: onnx.ModelProto, saliency: onnx.ModelProto | None,
@@ -173,7 +196,7 @@ def _export_forward(model: torch.nn.Module, names: list[str], example: torch.Ten
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, (example,), str(scratch), dynamo=False,
                           input_names=[contract.IMAGE], output_names=outputs,
-                          dynamic_axes=axes, opset_version=graph.OPSET,
+                          dynamic_axes=axes, opset_version=OPSET,
                           do_constant_folding=True)
     model.eval()  # the exporter restores training flags; keep the model as we found it
     return onnx.load(str(scratch))

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from camserve.errors import CamserveError
+from camserve.errors import OperatorError
 
 # Modules that may follow the last convolution and keep its shape: the default layer is the
 # last of them, so the map is taken after normalisation and activation.
@@ -20,7 +20,7 @@ _FOLLOWERS = (torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU
               torch.nn.Hardswish, torch.nn.GELU, torch.nn.LeakyReLU, torch.nn.Identity)
 
 
-class LayerError(CamserveError):
+class LayerError(OperatorError):
     """A target layer name that cannot be explained."""
 
 

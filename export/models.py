@@ -14,13 +14,13 @@ import torch
 import torchvision
 
 from camserve.contract import Preprocessing
-from camserve.errors import CamserveError
+from camserve.errors import OperatorError
 
 LITE0 = "efficientnet_lite0"
 _AUX_HEADS = ("googlenet", "inception_v3")
 
 
-class ModelLoadError(CamserveError):
+class ModelLoadError(OperatorError):
     """An architecture name or weights file that cannot be used."""
 
 
@@ -57,7 +57,7 @@ def load(arch: str, weights: str | Path | None = None) -> LoadedModel:
     if arch not in names:
         raise ModelLoadError(f"unknown architecture {arch!r}; {_suggest(arch, architectures())}")
     enum = torchvision.models.get_model_weights(arch)
-    reference = list(enum)[0]
+    reference = next(iter(enum))
     transform = reference.transforms()
     preprocessing = Preprocessing(
         resize=int(transform.resize_size[0]),

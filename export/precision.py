@@ -30,14 +30,16 @@ the largest adjoint value in our graphs stays far below float16's limit.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from camserve import contract
-from camserve.errors import CamserveError
+from camserve.errors import OperatorError
+from camserve.export.common import subgraph_reads
+from camserve.onnxgraph import iter_graphs, stored_tensors
 
 SUFFIX = ".float16"  # internal name of a float32 input or output's float16 twin
 _FLOAT32_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}  # float32 whatever the data type
@@ -48,7 +50,7 @@ _FLOAT_BY_DEFAULT = ("RandomNormal", "RandomUniform")  # float32 when ``dtype`` 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-class PrecisionError(CamserveError):
+class PrecisionError(OperatorError):
     """The graph cannot be rewritten in float16."""
 
 
@@ -153,8 +155,7 @@ def _outputs_reached(graph: onnx.GraphProto, names: list[str]) -> set[str]:
     """The graph outputs computed from any of ``names`` (subgraph reads included)."""
     reached = set(names)
     for node in graph.node:  # (nodes are in topological order)
-        reads = set(node.input) | {name for sub in _graphs_of(node) for n in _nodes_of(sub)
-                                   for name in n.input}
+        reads = set(node.input) | subgraph_reads([node])
         if reached & reads:
             reached.update(node.output)
     return reached & {value.name for value in graph.output}
@@ -163,37 +164,13 @@ def _outputs_reached(graph: onnx.GraphProto, names: list[str]) -> set[str]:
 def stored_types(model: onnx.ModelProto) -> set[int]:
     """The data types (``TensorProto.FLOAT16``, ...) of the tensors stored in the graph and
     its subgraphs: initializers and node attributes (``Constant`` values)."""
-    return {tensor.data_type for graph in _graphs(model.graph)
-            for tensor in [*graph.initializer, *(a.t for n in graph.node for a in n.attribute
-                                                 if a.type == onnx.AttributeProto.TENSOR)]}
+    return {tensor.data_type for tensor in stored_tensors(model.graph)}
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return copy
-
-
-def _graphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    """The subgraphs of ``node`` (a Scan's body, an If's branches)."""
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:
-            yield attribute.g
-        yield from attribute.graphs
-
-
-def _nodes_of(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node of ``graph`` and of its subgraphs, at any depth."""
-    for sub in _graphs(graph):
-        yield from sub.node
-
-
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and every subgraph in it, at any depth."""
-    yield graph
-    for node in graph.node:
-        for sub in _graphs_of(node):
-            yield from _graphs(sub)
 
 
 def _rewrite(graph: onnx.GraphProto, top_level: bool) -> None:
@@ -286,7 +263,7 @@ def _to_float16_type(value: onnx.ValueInfoProto) -> None:
 def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Every node reading ``old`` reads ``new``, in subgraphs too (outer-scope reads, and a
     body output that passes the outer tensor straight through)."""
-    for index, sub in enumerate(_graphs(graph)):
+    for index, sub in enumerate(iter_graphs(graph)):
         for node in sub.node:
             for position, name in enumerate(node.input):
                 if name == old:
