@@ -24,7 +24,8 @@ def add_parser(subparsers) -> None:
                    help="class index to explain (repeatable)")
     p.add_argument("--top-k", type=int, default=None,
                    help="also explain the K best classes (default: 1 without --target)")
-    p.add_argument("--method", default="gradcam")
+    p.add_argument("--method", default=None,
+                   help="CAM method (default: Grad-CAM; get_model() lists a model's methods)")
     p.add_argument("--fuse", choices=("max", "mean"), default=None,
                    help="also write one map fusing all targets of an image")
     p.add_argument("--threshold", type=float, default=0.6,
@@ -37,26 +38,29 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import grpc
 
-    from camserve.client import fuse, load_image
+    from camserve.client import ExplainOptions, fuse, load_image
     from camserve.client.render import panel
+    from camserve.errors import RemoteError
 
     for image in args.images:
         if not image.is_file():
             raise CamserveError(f"image {str(image)!r} does not exist")
     if args.triton and not args.model:
         raise CamserveError("--triton needs --model: the Triton model to explain with")
+    # an unset --method keeps ExplainOptions' default (the core's), written down once there
+    options = ExplainOptions(model=args.model, targets=args.targets, top_k=args.top_k,
+                             **({"method": args.method} if args.method else {}))
     args.out.mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(args.images)
     with _connect(args) as client:
         for image_path, image_stem in zip(args.images, stems):
             photo = load_image(image_path)
             try:
-                found = client.explain(image_path, model=args.model, targets=args.targets,
-                                       top_k=args.top_k, method=args.method)
-            except grpc.RpcError as exc:
+                found = client.explain(image_path, options=options)
+            except grpc.RpcError as exc:  # camserve refused: the status and its message
                 raise CamserveError(f"{image_path.name}: {exc.code().name}: "
                                     f"{exc.details()}") from None
-            except RuntimeError as exc:  # TritonError
+            except RemoteError as exc:  # Triton refused or failed
                 raise CamserveError(f"{image_path.name}: {exc}") from None
             found = _distinct_classes(found)  # a --target that is also a top-k class
             if args.fuse and len(found) > 1:

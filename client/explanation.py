@@ -6,13 +6,18 @@ Channel order: every image that goes in or comes out of this module is RGB uint8
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
-from camserve.geometry import Geometry, to_original
+from camserve.explain.geometry import Geometry, resize_map, to_original
+from camserve.explain.methods import DEFAULT_METHOD
+
+if TYPE_CHECKING:  # typing only: the pipeline module is not needed to draw a map
+    from camserve.explain.pipeline import Explained, Target
 
 _COLORMAPS = {"jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO,
               "inferno": cv2.COLORMAP_INFERNO, "viridis": cv2.COLORMAP_VIRIDIS,
@@ -35,7 +40,7 @@ class Explanation:
     geometry: Geometry
     request_id: str = ""
     model: str = ""
-    method: str = "gradcam"
+    method: str = DEFAULT_METHOD
 
     @property
     def cam(self) -> np.ndarray:
@@ -84,6 +89,27 @@ class Explanation:
             "contours": [c.tolist() for c in self.contours(threshold)],
             "image_size": [self.geometry.original[1], self.geometry.original[0]],
         }
+
+
+def explanations_from(explained: Explained, request_id: str = "") -> list[Explanation]:
+    """The Explanations of a pipeline result (``Pipeline.explain``, as the Triton path runs it
+    in this process), one per target."""
+    return from_targets(explained.targets, explained.geometry, model=explained.model,
+                        method=explained.method, request_id=request_id)
+
+
+def from_targets(targets: Iterable[Target], geometry: Geometry, *, model: str, method: str,
+                 request_id: str = "") -> list[Explanation]:
+    """One Explanation per target, its ``cam`` float32 [h,w] in [0, 1] (unless raw) at the
+    model's input size [H,W] or on a layer's grid, which is upsampled to the crop here.
+
+    The one place an Explanation is built from an answer: ``explanations`` (a gRPC response)
+    and ``explanations_from`` (a pipeline result) both end here, so they cannot drift apart.
+    """
+    x0, y0, x1, y1 = geometry.crop
+    return [Explanation(t.class_index, t.label, t.logit, t.probability,
+                        resize_map(t.cam, y1 - y0, x1 - x0), geometry, request_id, model, method)
+            for t in targets]
 
 
 def contours_of(mask: np.ndarray) -> list[np.ndarray]:

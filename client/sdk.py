@@ -5,38 +5,41 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import grpc
 import numpy as np
 
 from camserve import tensors
-from camserve.client.explanation import Explanation
-from camserve.geometry import Geometry, resize_map
+from camserve.client.explanation import Explanation, from_targets
+from camserve.client.models import ModelInfo, model_info
+from camserve.client.options import ExplainOptions
+from camserve.errors import CallerError, RemoteError
+from camserve.explain.geometry import Geometry
+from camserve.explain.pipeline import Target
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
 
-_SPACES = {"model_input": pb.MODEL_INPUT, "feature_map": pb.FEATURE_MAP}
-_FUSIONS = {"mean": pb.MEAN, "sum": pb.SUM, "max": pb.MAX}
-_BASELINES = {"black": pb.IntegratedGradients.BLACK, "zero": pb.IntegratedGradients.ZERO}
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
-class ExplainError(RuntimeError):
-    """A frame of ``explain_stream`` that the server refused (code and message)."""
+class ExplainError(RemoteError):
+    """A frame of ``explain_stream`` that the server refused: ``code`` is the gRPC status name
+    (e.g. "INVALID_ARGUMENT"), ``request_id`` the frame's."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, request_id: str) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.request_id = request_id
+    def __init__(self, message: str, code: str = "UNKNOWN", request_id: str = "") -> None:
+        super().__init__(f"{code}: {message}", code, request_id)
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """A photo file -> RGB uint8 [H,W,3]."""
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
-        raise ValueError(f"cannot read an image from {str(path)!r}")
+        raise CallerError(f"cannot read an image from {str(path)!r}: the file is missing or "
+                          "is not an image OpenCV can decode")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -79,7 +82,7 @@ class Client:
         if token:
             self.metadata.append(("authorization", f"Bearer {token}"))
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -89,64 +92,58 @@ class Client:
         self._channel.close()
 
     # --- calls ----------------------------------------------------------------------------
-    def explain(self, image=None, *, tensor: np.ndarray | None = None, model: str = "",
-                targets: Sequence[int] | None = None, top_k: int | None = None,
-                method: str = "gradcam", layers: Sequence[str] = (), fusion: str = "mean",
-                noise_samples: int = 0, noise_sigma: float = 0.15, flip: bool = False,
-                seed: int = 0, normalize: bool = True, ig_steps: int = 0,
-                ig_baseline: str = "black", request_id: str = "",
-                space: str = "model_input") -> list[Explanation]:
+    def explain(self, image=None, *, tensor: np.ndarray | None = None,
+                options: ExplainOptions | None = None, **overrides) -> list[Explanation]:
         """Explain one image; one Explanation per target (explicit ``targets`` first, then the
         ``top_k`` best classes; with neither, the predicted class).
 
         ``image``: a file path, encoded bytes (JPEG/PNG/WebP/BMP) or an RGB uint8 [H,W,3]
-        array. ``tensor``: instead, a preprocessed float32 [1,3,H,W] array. ``layers`` and
-        ``fusion`` ("mean", "sum", "max") pick and combine the model's layers.
-        ``noise_samples``/``noise_sigma`` average the map over noisy copies, ``flip`` also
-        over mirrored ones (one batched graph run, ``seed`` fixes the noise).
-        ``normalize=False`` returns the ReLU'd maps unscaled. ``space="feature_map"`` has
-        the server send the maps at the layer's resolution (a few hundred bytes in float16),
-        upsampled to the crop here. Input-space methods
-        ("saliency", "smoothgrad", "integrated_gradients" with ``ig_steps`` and
-        ``ig_baseline`` "black" or "zero", "guided_gradcam") need a model exported with
-        ``--input-gradients``.
+        array; ``tensor``: instead, a preprocessed float32 [1,3,H,W] array. ``options`` and
+        the keyword ``overrides`` (applied on top) are ``ExplainOptions``' fields: model,
+        targets, top_k, method, layers, fusion, noise_samples, ... Input-space methods
+        ("saliency", "smoothgrad", "integrated_gradients", "guided_gradcam") need a model
+        exported with ``--input-gradients``. A refused call raises ``grpc.RpcError``.
         """
-        request = self.request(image, tensor=tensor, model=model, targets=targets, top_k=top_k,
-                               method=method, layers=layers, fusion=fusion,
-                               noise_samples=noise_samples, noise_sigma=noise_sigma, flip=flip,
-                               seed=seed, normalize=normalize, ig_steps=ig_steps,
-                               ig_baseline=ig_baseline, request_id=request_id, space=space)
+        request = self.request(image, tensor=tensor, options=options, **overrides)
         response = self._stub.Explain(request, timeout=self.timeout, metadata=self.metadata)
         return explanations(response)
 
-    def explain_stream(self, frames: Iterable, **options) -> Iterator[list[Explanation]]:
+    def explain_stream(self, frames: Iterable, *, options: ExplainOptions | None = None,
+                       **overrides) -> Iterator[list[Explanation]]:
         """Explain a sequence of frames over one stream; yields per frame, in order.
 
         Each frame is an image (as for ``explain``) or a ready ``ExplainRequest``; ``options``
-        are ``explain``'s keywords. A refused frame raises ExplainError when reached.
+        and ``overrides`` as for ``explain``. A frame without a ``request_id`` gets its index.
+        A refused frame raises ExplainError when reached.
         """
+        merged = ExplainOptions.merged(options, overrides)  # checked before the stream opens
+
         def requests():
             for index, frame in enumerate(frames):
                 if isinstance(frame, pb.ExplainRequest):
                     yield frame
                 else:
-                    yield self.request(frame, request_id=options.get("request_id") or str(index),
-                                       **{k: v for k, v in options.items() if k != "request_id"})
+                    request = merged.to_request(frame)
+                    request.request_id = merged.request_id or str(index)
+                    yield request
 
         for response in self._stub.ExplainStream(requests(), timeout=self.timeout,
                                                  metadata=self.metadata):
             if response.HasField("error"):
-                raise ExplainError(grpc.StatusCode[_code_name(response.error.code)],
-                                   response.error.message, response.request_id)
+                raise ExplainError(response.error.message, _code_name(response.error.code),
+                                   response.request_id)
             yield explanations(response)
 
-    def list_models(self) -> list[pb.ModelInfo]:
-        return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
-                                          metadata=self.metadata).models)
+    def list_models(self) -> list[ModelInfo]:
+        """The models the server serves."""
+        answer = self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
+                                       metadata=self.metadata)
+        return [model_info(m) for m in answer.models]
 
-    def get_model(self, name: str = "") -> pb.ModelInfo:
-        return self._stub.GetModel(pb.GetModelRequest(name=name), timeout=self.timeout,
-                                   metadata=self.metadata)
+    def get_model(self, name: str = "") -> ModelInfo:
+        """One model ("": the server's default); grpc.RpcError NOT_FOUND if it has none such."""
+        return model_info(self._stub.GetModel(pb.GetModelRequest(name=name),
+                                              timeout=self.timeout, metadata=self.metadata))
 
     def health(self, service: str = "") -> str:
         """grpc.health.v1 status of the server ("") or of a model: "SERVING", "NOT_SERVING"...
@@ -176,45 +173,10 @@ class Client:
 
     # --- building requests ----------------------------------------------------------------
     @staticmethod
-    def request(image=None, *, tensor: np.ndarray | None = None, model: str = "",
-                targets: Sequence[int] | None = None, top_k: int | None = None,
-                method: str = "gradcam", layers: Sequence[str] = (), fusion: str = "mean",
-                noise_samples: int = 0, noise_sigma: float = 0.15, flip: bool = False,
-                seed: int = 0, normalize: bool = True, ig_steps: int = 0,
-                ig_baseline: str = "black", request_id: str = "",
-                space: str = "model_input") -> pb.ExplainRequest:
-        """The ExplainRequest ``explain`` sends."""
-        if (image is None) == (tensor is None):
-            raise ValueError("give exactly one of image= or tensor=")
-        if fusion not in _FUSIONS:
-            raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(_FUSIONS)}")
-        if ig_baseline not in _BASELINES:
-            raise ValueError(f"unknown baseline {ig_baseline!r}; choose black or zero")
-        request = pb.ExplainRequest(
-            model=model, request_id=request_id, classes=list(targets or []),
-            top_k=top_k if top_k is not None else (0 if targets else 1), method=method,
-            layers=list(layers), fusion=_FUSIONS[fusion],
-            output=pb.OutputOptions(space=_SPACES[space],
-                                    dtype=pb.FLOAT16 if normalize else pb.FLOAT32),
-            smoothing=pb.Smoothing(noise_samples=noise_samples, noise_sigma=noise_sigma,
-                                   horizontal_flip=flip, seed=seed),
-            raw_maps=not normalize,
-            integrated_gradients=pb.IntegratedGradients(
-                steps=ig_steps, baseline=_BASELINES[ig_baseline]))
-        if tensor is not None:
-            request.tensor.CopyFrom(tensors.to_proto(np.asarray(tensor, np.float32)))
-        elif isinstance(image, (bytes, bytearray, memoryview)):
-            request.encoded = bytes(image)
-        elif isinstance(image, (str, os.PathLike)):
-            request.encoded = Path(image).read_bytes()
-        else:
-            array = np.ascontiguousarray(image)
-            if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-                raise ValueError("an image array must be RGB uint8 [H,W,3], got "
-                                 f"{array.dtype} {list(array.shape)}")
-            request.pixels.CopyFrom(pb.RawImage(height=array.shape[0], width=array.shape[1],
-                                                pixels=array.tobytes()))
-        return request
+    def request(image=None, *, tensor: np.ndarray | None = None,
+                options: ExplainOptions | None = None, **overrides) -> pb.ExplainRequest:
+        """The ExplainRequest ``explain`` sends (arguments as for ``explain``)."""
+        return ExplainOptions.merged(options, overrides).to_request(image, tensor)
 
 
 def explanations(response: pb.ExplainResponse) -> list[Explanation]:
@@ -224,18 +186,16 @@ def explanations(response: pb.ExplainResponse) -> list[Explanation]:
     geometry = Geometry((g.original_height, g.original_width),
                         (g.resized_height, g.resized_width),
                         (g.crop.x0, g.crop.y0, g.crop.x1, g.crop.y1))
-    height, width = g.crop.y1 - g.crop.y0, g.crop.x1 - g.crop.x0
-    out = []
-    for target in response.targets:
-        cam = tensors.from_proto(target.cam).astype(np.float32)
-        if target.cam.dtype == pb.UINT8:
-            cam = cam / np.float32(255)
-        out.append(Explanation(
-            class_index=target.class_index, label=target.label, logit=target.logit,
-            probability=target.probability, cam_input=resize_map(cam, height, width),
-            geometry=geometry, request_id=response.request_id, model=response.model,
-            method=response.method))
-    return out
+    targets = [Target(t.class_index, t.label, t.logit, t.probability, _decode_map(t.cam))
+               for t in response.targets]
+    return from_targets(targets, geometry, model=response.model, method=response.method,
+                        request_id=response.request_id)
+
+
+def _decode_map(message: pb.Tensor) -> np.ndarray:
+    """A map as sent (float32, float16, or uint8 = map * 255) -> float32 [h,w]."""
+    cam = tensors.from_proto(message).astype(np.float32)
+    return cam / np.float32(255) if message.dtype == pb.UINT8 else cam
 
 
 _HEALTH = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}

@@ -2,7 +2,7 @@
 
 Triton runs the explainer graph exactly as exported (``camserve export --triton-repo``); this
 module does the rest in the caller's process with the same code the server runs
-(``camserve.server.pipeline``: decode, preprocess, then NumPy maps): one ``ModelInfer`` with
+(``camserve.explain.pipeline``: decode, preprocess, then NumPy maps): one ``ModelInfer`` with
 ``image`` and ``targets`` per explanation, and the model card read from the model's Triton
 configuration (its ``parameters``). So ``TritonClient.explain`` answers what
 ``Client.explain`` answers for the same model and options.
@@ -19,33 +19,38 @@ torch, onnx nor onnxruntime.
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from camserve import contract
-from camserve.client.explanation import Explanation
-from camserve.client.sdk import DEFAULT_TIMEOUT, Client, explanations
-from camserve.contract import ContractError, ModelCard
-from camserve.errors import CamserveError
-from camserve.server import attributions
-from camserve.server.pipeline import CardSizes, Limits, Pipeline
+from camserve.client.explanation import Explanation, explanations_from
+from camserve.client.options import ExplainOptions
+from camserve.client.sdk import DEFAULT_TIMEOUT
+from camserve.contract import ModelCard
+from camserve.errors import CallerError, CamserveError, ContractError, RemoteError
+from camserve.explain import attributions
+from camserve.explain.pipeline import Limits, Pipeline
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
+class TritonError(RemoteError):
+    """Triton refused or failed a call; ``code`` is its gRPC status name ("NOT_FOUND")."""
 
-class TritonError(RuntimeError):
-    """Triton refused or failed a call; ``status`` is its gRPC status name."""
-
-    def __init__(self, message: str, status: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
+    @property
+    def status(self) -> str:
+        """The former name of ``code``."""
+        return self.code
 
 
-class TritonModel(CardSizes):
+class TritonModel:
     """One explainer model in a Triton server, shaped like the server's ``ExplainerModel``
-    (the ``camserve.server.pipeline.ExplainableModel`` protocol)."""
+    (the ``camserve.explain.pipeline.ExplainableModel`` protocol)."""
 
     saliency = None  # the Triton entry has no companions
 
@@ -118,7 +123,7 @@ class TritonClient:
         self._models: dict[tuple[str, str], TritonModel] = {}
         self._lock = threading.Lock()
 
-    def __enter__(self) -> "TritonClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -135,19 +140,21 @@ class TritonClient:
                 self._models[key] = TritonModel(self._client, name, version, self.timeout)
             return self._models[key]
 
-    def explain(self, image=None, *, model: str, version: str = "",
-                **options) -> list[Explanation]:
-        """Explain one image with Triton model ``model``; ``options`` as for
-        ``Client.explain`` (targets, top_k, method, layers, fusion, noise_samples, ...).
-        Raises CamserveError for a request camserve would refuse, TritonError when Triton
-        fails."""
-        if not model:
-            raise CamserveError("name the Triton model to explain with (model=...)")
-        if options.get("method") in attributions.METHODS:
-            raise CamserveError(f"{options['method']} needs the saliency companion graph, which "
+    def explain(self, image=None, *, version: str = "", tensor: np.ndarray | None = None,
+                options: ExplainOptions | None = None, **overrides) -> list[Explanation]:
+        """Explain one image with the Triton model named by ``model`` (required) at
+        ``version`` ("": Triton's choice); ``image``, ``tensor``, ``options`` and the keyword
+        ``overrides`` as for ``Client.explain``. Raises CamserveError for a request camserve
+        would refuse, TritonError when Triton fails."""
+        options = ExplainOptions.merged(options, overrides)
+        if not options.model:
+            raise CallerError("name the Triton model to explain with (model=...)")
+        if options.method in attributions.METHODS:
+            raise CamserveError(f"{options.method} needs the saliency companion graph, which "
                                 "a Triton entry does not hold: use 'camserve serve'")
-        request = Client.request(image, model=model, **options)
-        return explanations(self._pipeline.explain(request, self.model(model, version)))
+        explained = self._pipeline.explain(options.to_request(image, tensor),
+                                           self.model(options.model, version))
+        return explanations_from(explained, options.request_id)
 
     def models(self) -> list[str]:
         """Names of the models in Triton's repository index that are ready."""
@@ -168,4 +175,6 @@ def _call(function, *args, **kwargs):
     try:
         return function(*args, **kwargs)
     except InferenceServerException as exc:
-        raise TritonError(f"Triton: {exc.message() or exc}", exc.status()) from None
+        # tritonclient says "StatusCode.NOT_FOUND"; the family's codes are bare names
+        code = (exc.status() or "UNKNOWN").removeprefix("StatusCode.")
+        raise TritonError(f"Triton: {exc.message() or exc}", code) from None

@@ -3,6 +3,7 @@ Client against a live server, the no-heavy-imports promise, and ``camserve expla
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -14,8 +15,22 @@ import grpc
 import numpy as np
 import pytest
 
-from camserve.client import Client, Explanation, fuse, load_image
-from camserve.geometry import Geometry
+from camserve.client import (
+    Client,
+    ExplainError,
+    ExplainOptions,
+    Explanation,
+    ModelInfo,
+    explanations,
+    fuse,
+    load_image,
+)
+from camserve.client.explanation import explanations_from
+from camserve.contract import Preprocessing
+from camserve.errors import CallerError, RemoteError
+from camserve.explain import methods, smoothing
+from camserve.explain.geometry import Geometry
+from camserve.explain.pipeline import Explained, Target, to_response
 
 # --- geometry ---------------------------------------------------------------------------
 
@@ -216,6 +231,82 @@ def test_fuse_max_and_mean():
         fuse([a, other])
 
 
+# --- ExplainOptions, and the one way an Explanation is built ------------------------------
+
+def test_explain_options_defaults_are_the_cores():
+    options = ExplainOptions()
+    assert options.method == methods.DEFAULT_METHOD
+    assert options.fusion == methods.FUSIONS[0]
+    assert options.noise_sigma == smoothing.NOISE_SIGMA
+    assert options.targets == () and options.top_k is None
+    request = options.to_request(b"jpeg")
+    assert request.top_k == 1 and request.method == methods.DEFAULT_METHOD
+    # explicit targets alone: no top-k; numpy class indices are fine
+    request = ExplainOptions(targets=np.array([3, 7])).to_request(b"jpeg")
+    assert list(request.classes) == [3, 7] and request.top_k == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.top_k = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("option, value, allowed", [
+    ("fusion", "median", "mean, sum, max"),
+    ("ig_baseline", "white", "black, zero"),
+    ("space", "original", "model_input, feature_map"),
+])
+def test_explain_options_refuse_unknown_choices(option, value, allowed):
+    with pytest.raises(CallerError, match=f"unknown {option} '{value}'; choose one of: {allowed}"):
+        ExplainOptions(**{option: value})
+    with pytest.raises(CallerError):  # the keyword path checks the same way
+        Client.request(b"jpeg", **{option: value})
+    with pytest.raises(CallerError, match="top_k must be >= 0"):
+        ExplainOptions(top_k=-1)
+
+
+def test_keywords_and_options_make_the_same_request():
+    options = ExplainOptions(model="tiny", targets=[3], top_k=2, method="layercam",
+                             noise_samples=4, flip=True, seed=9)
+    by_keywords = Client.request(b"jpeg", model="tiny", targets=[3], top_k=2,
+                                 method="layercam", noise_samples=4, flip=True, seed=9)
+    assert Client.request(b"jpeg", options=options) == by_keywords
+    assert options.to_request(b"jpeg") == by_keywords
+    # keywords override the options object
+    assert Client.request(b"jpeg", options=options, top_k=5).top_k == 5
+    with pytest.raises(TypeError, match="no_such_option"):
+        Client.request(b"jpeg", no_such_option=1)
+    with pytest.raises(TypeError, match="no_such_option"):
+        Client.request(b"jpeg", options=options, no_such_option=1)
+
+
+def test_response_and_pipeline_result_give_the_same_explanations():
+    """``explanations`` (a gRPC response) and ``explanations_from`` (a pipeline result, the
+    Triton path) build Explanations alike, here from maps on a 4x4 feature grid."""
+    rng = np.random.default_rng(8)
+    geometry = Geometry.for_image(300, 500, 128, (112, 112))
+    explained = Explained(
+        model="m", model_version="v", method="xgradcam", layers=["l"], geometry=geometry,
+        targets=[Target(c, f"thing {c}", float(c), 0.1 * c, rng.random((4, 4), np.float32))
+                 for c in (2, 5)],
+        logits=np.zeros((1, 10), np.float32), per_layer={})
+    request = ExplainOptions(request_id="r7", normalize=False).to_request(b"jpeg")
+    direct = explanations_from(explained, "r7")
+    via_proto = explanations(to_response(explained, request))
+    assert len(direct) == len(via_proto) == 2
+    for a, b in zip(direct, via_proto):
+        assert (a.class_index, a.label, a.model, a.method, a.request_id) == \
+            (b.class_index, b.label, "m", "xgradcam", "r7")
+        assert a.probability == pytest.approx(b.probability) and a.geometry == b.geometry
+        assert a.cam_input.shape == (112, 112)  # upsampled to the crop
+        np.testing.assert_allclose(a.cam_input, b.cam_input, atol=1e-6)
+
+
+def test_load_image_refuses_what_it_cannot_read(tmp_path):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    for path in (junk, tmp_path / "missing.jpg"):
+        with pytest.raises(CallerError, match="cannot read an image from"):
+            load_image(path)
+
+
 # --- the Client against a live server (tiny model, 64x64 input, 10 classes) ----------------
 
 def _photo(seed, height=80, width=120):
@@ -270,9 +361,9 @@ def test_client_explain_tensor(server):
     _check(found, (64, 64))
     for e in found:
         assert np.array_equal(e.cam, e.cam_input)
-    with pytest.raises(ValueError):
+    with pytest.raises(CallerError, match="exactly one of image= or tensor="):
         Client.request(_photo(0), tensor=tensor)
-    with pytest.raises(ValueError):
+    with pytest.raises(CallerError, match="RGB uint8"):
         Client.request(_photo(0).astype(np.float32))
 
 
@@ -288,14 +379,48 @@ def test_client_explain_stream_in_order(server):
         _check(found, frame.shape[:2])
 
 
+def test_client_explain_stream_refused_frame_is_a_remote_error(server):
+    photo = _photo(12)
+    bad = Client.request(photo, targets=[99], request_id="bad")  # the model has 10 classes
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        answers = client.explain_stream([photo, bad, photo], options=ExplainOptions(top_k=2))
+        assert len(next(answers)) == 2
+        with pytest.raises(ExplainError, match="class index 99 is out of range") as caught:
+            next(answers)
+    assert isinstance(caught.value, RemoteError)
+    assert caught.value.code == "INVALID_ARGUMENT" and caught.value.request_id == "bad"
+
+
+def test_client_explain_with_an_options_object(server):
+    photo = _photo(13)
+    options = ExplainOptions(targets=[1], top_k=1, request_id="opt")
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        found = client.explain(photo, options=options)
+        again = client.explain(photo, options=options, targets=[2])
+        with pytest.raises(grpc.RpcError) as caught:  # unary calls raise gRPC's own error
+            client.explain(photo, model="no-such-model")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert found[0].class_index == 1 and found[0].request_id == "opt"
+    assert again[0].class_index == 2 and again[1].class_index == found[1].class_index
+    _check(found, photo.shape[:2])
+
+
 def test_client_models_and_health(server):
     with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
         names = [m.name for m in client.list_models()]
         assert "tiny" in names
         info = client.get_model("tiny")
-        assert info.name == "tiny"
-        assert len(info.labels) == 10
-        assert list(info.input_shape) == [1, 3, 64, 64]
+        assert isinstance(info, ModelInfo) and info.name == "tiny"
+        assert len(info.labels) == 10 and info.labels[3] == "thing 3"
+        assert info.input_shape == (1, 3, 64, 64)
+        assert isinstance(info.preprocessing, Preprocessing)
+        assert info.preprocessing.crop == (64, 64)
+        # float32 on the wire, the card's decimals here
+        assert all(len(repr(v)) < 10 for v in (*info.preprocessing.mean,
+                                                 *info.preprocessing.std))
+        assert info.layers and info.layers[0].name and len(info.layers[0].shape) == 3
+        assert methods.DEFAULT_METHOD in info.methods and info.contract_version == 1
+        assert info.execution_provider and info.version
         assert client.get_model().name == "tiny"  # the server's default
         assert client.health() == "SERVING"
         assert client.health("tiny") == "SERVING"
@@ -321,7 +446,7 @@ def test_thin_client_imports_no_ml_runtime(server):
         print("THIN-CLIENT-OK")
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "THIN-CLIENT-OK" in done.stdout
 
@@ -408,7 +533,8 @@ def test_client_retries_unavailable_until_the_server_is_up(models_dir):
     import socket
     import threading
 
-    from camserve.server.app import ServerConfig, start
+    from camserve.server.app import start
+    from camserve.server.config import ServerConfig
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

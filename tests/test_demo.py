@@ -122,7 +122,7 @@ def test_demo_script(lite0_dir, tmp_path):
     env = dict(os.environ, CAMSERVE_MODELS=str(lite0_dir), CAMSERVE_OUT=str(out),
                CAMSERVE_DEMO_PORT=str(_free_port()))
     done = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
     log = tmp_path / "out.server.log"
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:],
                                   log.read_text()[-2000:] if log.exists() else "")

@@ -13,15 +13,15 @@ import numpy as np
 import onnx
 import pytest
 from conftest import ROOT, SAMPLES
-from tritonclient.grpc import model_config_pb2 as mc
 from triton_standin import load_config, serve
+from tritonclient.grpc import model_config_pb2 as mc
 
 from camserve import contract
 from camserve.cli import main as camserve_main
-from camserve.client import Client
+from camserve.client import Client, ExplainOptions
 from camserve.client.triton import TritonClient, TritonError
 from camserve.contract import ModelCard
-from camserve.errors import CamserveError
+from camserve.errors import CallerError, CamserveError, RemoteError
 from camserve.export.triton import TritonRepoError, write_triton_model
 
 CAT = SAMPLES / "cat.jpg"
@@ -120,12 +120,12 @@ def test_only_explainers_become_triton_models(models_dir, tmp_path):
 # --- explaining through Triton equals explaining through camserve -----------------------------
 
 CASES = [
-    dict(model="tiny", top_k=2),
-    dict(model="tiny", targets=[3, 7], method="gradcam++"),
-    dict(model="tiny2", fusion="max", method="layercam"),
-    dict(model="tiny2", method="scorecam"),
-    dict(model="tiny2", noise_samples=3, noise_sigma=0.2, flip=True, seed=5),
-    dict(model="tiny", normalize=False, space="feature_map"),
+    {"model": "tiny", "top_k": 2},
+    {"model": "tiny", "targets": [3, 7], "method": "gradcam++"},
+    {"model": "tiny2", "fusion": "max", "method": "layercam"},
+    {"model": "tiny2", "method": "scorecam"},
+    {"model": "tiny2", "noise_samples": 3, "noise_sigma": 0.2, "flip": True, "seed": 5},
+    {"model": "tiny", "normalize": False, "space": "feature_map"},
 ]
 
 
@@ -144,12 +144,21 @@ def test_triton_answers_what_camserve_answers(triton, camserve_client, options):
         assert a.cam_input.max() > 0
 
 
+def test_triton_takes_an_options_object(triton, camserve_client):
+    options = ExplainOptions(model="tiny", targets=[4], request_id="t1")
+    via_triton = triton.explain(CAT, options=options, top_k=1)
+    via_camserve = camserve_client.explain(CAT, options=options, top_k=1)
+    assert [e.class_index for e in via_triton] == [e.class_index for e in via_camserve]
+    assert [e.request_id for e in via_triton] == ["t1", "t1"]
+    np.testing.assert_allclose(via_triton[0].cam_input, via_camserve[0].cam_input, atol=2e-3)
+
+
 def test_triton_model_card_and_index(triton, models_dir):
     assert triton.ready(["tiny", "tiny2"])
     assert triton.models() == ["tiny", "tiny2"]
     model = triton.model("tiny2")
     assert [layer.name for layer in model.card.layers] == ["features.2", "features.6"]
-    assert model.max_batch_size == 4 and model.input_size == (64, 64)
+    assert model.max_batch_size == 4 and model.card.input_size == (64, 64)
 
 
 def test_refusals_are_readable(triton):
@@ -163,7 +172,10 @@ def test_refusals_are_readable(triton):
         triton.explain(CAT, model="tiny", method="nope")
     with pytest.raises(TritonError, match="unknown model") as info:
         triton.explain(CAT, model="absent")
-    assert info.value.status == "StatusCode.NOT_FOUND"
+    assert isinstance(info.value, RemoteError)
+    assert info.value.code == info.value.status == "NOT_FOUND"
+    with pytest.raises(CallerError, match="name the Triton model"):
+        triton.explain(CAT)
 
 
 def test_triton_client_stays_thin():
@@ -172,7 +184,7 @@ def test_triton_client_stays_thin():
             "heavy = [m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
