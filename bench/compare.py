@@ -75,8 +75,9 @@ from camserve import contract
 from camserve.export import export_explainer
 from camserve.export.models import load
 from camserve.export.precision import to_float16
-from camserve.server import cam, preprocess
-from camserve.server.models import load_model, open_session
+from camserve.explain import methods
+from camserve.explain.image import decode, preprocess
+from camserve.server.runtime import load_model, open_session
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
 
@@ -191,7 +192,7 @@ def prepare(arch: str, folder: Path, jpeg: bytes,
                           input_names=["image"], output_names=["logits"], opset_version=17)
     if precision == contract.FLOAT16:
         onnx.save(to_float16(onnx.load(str(plain))), str(plain))
-    image, _ = preprocess.preprocess(preprocess.decode(jpeg), loaded.preprocessing)
+    image, _ = preprocess(decode(jpeg), loaded.preprocessing)
     return Subject(arch, precision, module, result.card.layers[0].name, plain, models_dir,
                    image)
 
@@ -217,7 +218,7 @@ def onnx_calls(s: Subject, threads: int, device: str = "cpu") -> dict[str, Call]
     def explain(explainer) -> Call:
         def call() -> object:
             _, _, per_layer = explainer.run(s.image, targets, [s.layer])
-            return cam.cam_maps("gradcam", [(a[0], g[0]) for a, g in per_layer.values()],
+            return methods.cam_maps("gradcam", [(a[0], g[0]) for a, g in per_layer.values()],
                                 (SIZE, SIZE))
         return call
 

@@ -9,7 +9,7 @@ for each photo we compare:
   logits    max |l16 - l32| [1,N], and that divided by max |l32|; whether the top-1 class
             is the same, and how many of the top-5 are
   Grad-CAM  for the float32 top-1 class (the same target in both): the normalised 224x224
-            maps (``cam.cam_maps``, grad-cam 1.5.7's normalisation) -- max and mean
+            maps (``methods.cam_maps``, grad-cam 1.5.7's normalisation) -- max and mean
             |m16 - m32| (maps lie in [0,1]) and their correlation
   gradients the 99th percentile of |g16 - g32| / |g32| over the non-zero gradients
 
@@ -33,8 +33,9 @@ import numpy as np
 
 from camserve.export import export_explainer
 from camserve.export.models import load
-from camserve.server import cam, preprocess
-from camserve.server.models import load_model
+from camserve.explain import methods
+from camserve.explain.image import decode, preprocess
+from camserve.server.runtime import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ("cat.jpg", "coffee.jpg")
@@ -58,14 +59,14 @@ def compare(arch: str, folder: Path, device: str) -> list[dict]:
     layers = [layer.name for layer in full.card.layers]
     rows = []
     for photo in PHOTOS:
-        rgb = preprocess.decode((ROOT / "samples" / photo).read_bytes())
-        image, _ = preprocess.preprocess(rgb, full.card.preprocessing)
+        rgb = decode((ROOT / "samples" / photo).read_bytes())
+        image, _ = preprocess(rgb, full.card.preprocessing)
         top = np.array([[-1]], np.int64)
         logits32 = full.run(image, top, layers)[0][0]
         target = np.array([[int(logits32.argmax())]], np.int64)  # the same class in both
         l32, _, per32 = full.run(image, target, layers)
         l16, _, per16 = half.run(image, target, layers)
-        maps = [cam.cam_maps("gradcam", [(a[0], g[0]) for a, g in per.values()],
+        maps = [methods.cam_maps("gradcam", [(a[0], g[0]) for a, g in per.values()],
                              full.input_size)[0] for per in (per32, per16)]
         g32 = np.concatenate([g.ravel() for _, g in per32.values()])
         g16 = np.concatenate([g.ravel() for _, g in per16.values()])

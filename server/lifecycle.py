@@ -14,6 +14,7 @@ import time
 from collections import Counter
 
 import grpc
+
 from camserve.server.security import is_open, refusal
 
 SETTLE_SECONDS = 0.1  # on stop: quiet time that proves no admitted call is still queued
