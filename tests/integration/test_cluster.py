@@ -39,7 +39,7 @@ except CamserveError:
 pytestmark = [pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
               pytest.mark.skipif(ENVOY is None, reason="no Envoy binary (camserve[cluster])")]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOYED = ROOT / "deploy" / "envoy" / "envoy.json"
 EXAMPLE_REPLICAS = ["127.0.0.1:50051", "127.0.0.1:50052", "127.0.0.1:50053"]
 

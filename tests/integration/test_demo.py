@@ -15,7 +15,7 @@ import pytest
 
 from camserve.client import Client, fuse, load_image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples"
 
 CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat

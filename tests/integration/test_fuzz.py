@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from camserve.errors import CamserveError
-from camserve.explain.image import decode, preprocess
+from camserve.explain.image import decode
 from camserve.server.runtime import load_models
 from camserve.server.repository import ModelRepository
 from camserve.server.service import ExplainerService

@@ -23,7 +23,7 @@ from camserve.cli import build_parser
 KUBERNETES_VERSION = "1.37"
 OLDEST_KUBERNETES_VERSION = "1.30"
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"

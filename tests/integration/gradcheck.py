@@ -5,7 +5,7 @@ Why not one element-wise tolerance. The gradient of a ReLU (or MaxPool, Hardswis
 is piecewise constant in its input and jumps where a unit crosses its kink. The explainer
 graphs compute in float32, and a unit whose pre-activation is within float32 rounding of 0
 can land on either side, depending on how the CPU's kernels round. On a random resnet18
-(tests/test_attributions.py, seed 0) onnxruntime's input gradient differs from float64
+(tests/integration/test_attributions.py, seed 0) onnxruntime's input gradient differs from float64
 autograd by 9.2e-3 of its max on this machine, and moving the float64 input by 1e-5 moves
 the float64 gradient itself by 1.6e-2 over half of its elements: one unit late in the
 network sits at its kink, and its receptive field is the whole picture. No element-wise

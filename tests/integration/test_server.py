@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from camserve import tensors
 from camserve.contract import ModelCard
 from camserve.errors import CamserveError
-from camserve.explain.image import decode, preprocess
+from camserve.explain.image import preprocess
 from camserve.server.runtime import load_models
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc

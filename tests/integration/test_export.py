@@ -449,7 +449,7 @@ def _preprocess(rgb: np.ndarray, p: Preprocessing) -> np.ndarray:
 
 def _chelsea() -> np.ndarray:
     """The bundled cat photo (scikit-image's chelsea) as RGB uint8."""
-    bgr = cv2.imread(str(Path(__file__).resolve().parent.parent / "samples" / "cat.jpg"))
+    bgr = cv2.imread(str(Path(__file__).resolve().parents[2] / "samples" / "cat.jpg"))
     assert bgr is not None, "samples/cat.jpg is missing"
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
