@@ -17,7 +17,8 @@ import grpc
 
 from camserve.errors import CamserveError, status_name
 from camserve.explain import attributions, methods
-from camserve.explain.pipeline import Limits, Pipeline, to_response
+from camserve.explain.pipeline import Limits, Pipeline
+from camserve.explain.response import to_response
 from camserve.server.metrics import Metrics
 from camserve.server.repository import ModelRepository
 from camserve.server.runtime import ExplainerModel

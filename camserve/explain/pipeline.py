@@ -3,13 +3,14 @@
     ExplainRequest --prepare--> Job (model input [1,3,H,W], targets [K], options)
                    --runner---> graph outputs (logits, classes, activations, gradients)
                    --finish---> Explained (maps [K,H',W'], scores, geometry, timings)
-                   --to_response--> ExplainResponse (server) | Explanations (Triton client)
+                   --response.to_response--> ExplainResponse (server)
+                   (the Triton client builds its Explanations from Explained directly)
 
 ``Pipeline.prepare`` validates the request and builds the model input (decode, preprocess,
 targets); a ``Runner`` runs the graph (the model itself, or the server's dynamic batcher);
-``Pipeline.finish`` turns the graph's outputs into maps with NumPy. The model is anything
-shaped like ``ExplainableModel``: an onnxruntime session in the server, a Triton endpoint in
-``camserve.client.triton``. Imports numpy, OpenCV and protobuf only, so a client can run the
+``Pipeline.finish`` turns the graph's outputs into maps with NumPy; ``response.to_response``
+encodes the result for the wire. The model is anything shaped like ``ExplainableModel``: an
+onnxruntime session in the server, a Triton endpoint in ``camserve.client.triton``. Imports numpy, OpenCV and protobuf only, so a client can run the
 same postprocessing next to a remote graph.
 """
 
@@ -371,43 +372,6 @@ def _forwards(model: ExplainableModel, image: np.ndarray, classes: np.ndarray,
             for layer in layers]
 
 
-def to_response(explained: Explained, request: pb.ExplainRequest) -> pb.ExplainResponse:
-    """The ExplainResponse of ``explained``: maps encoded in the request's dtype, raw tensors
-    when asked for."""
-    dtype = request.output.dtype or pb.FLOAT32
-    response = pb.ExplainResponse(
-        request_id=request.request_id, model=explained.model,
-        model_version=explained.model_version, method=explained.method,
-        layers=explained.layers, geometry=_geometry(explained.geometry),
-        timings=pb.Timings(**explained.timings_us))
-    for target in explained.targets:
-        response.targets.add(class_index=target.class_index, label=target.label,
-                             logit=target.logit, probability=target.probability,
-                             cam=_encode_map(target.cam, dtype))
-    options = request.output
-    if options.include_logits:
-        response.raw.logits.CopyFrom(tensors.to_proto(explained.logits))
-    for name, (activations, gradients) in explained.per_layer.items():
-        if options.include_activations:
-            response.raw.activations[name].CopyFrom(tensors.to_proto(activations))
-        if options.include_gradients:
-            response.raw.gradients[name].CopyFrom(tensors.to_proto(gradients))
-    return response
-
-
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max())
     return shifted / shifted.sum()
-
-
-def _geometry(g: Geometry) -> pb.Geometry:
-    x0, y0, x1, y1 = g.crop
-    return pb.Geometry(original_height=g.original[0], original_width=g.original[1],
-                       resized_height=g.resized[0], resized_width=g.resized[1],
-                       crop=pb.Box(x0=x0, y0=y0, x1=x1, y1=y1))
-
-
-def _encode_map(cam_map: np.ndarray, dtype: int) -> pb.Tensor:
-    if dtype == pb.UINT8:
-        return tensors.to_proto(np.rint(np.clip(cam_map, 0, 1) * 255), pb.UINT8)
-    return tensors.to_proto(cam_map, dtype)

@@ -37,7 +37,8 @@ def add_parser(subparsers) -> None:
                    help="image files, or folders of .jpg/.jpeg/.png/.webp/.bmp files")
     p.add_argument("--model", type=Path, required=True, metavar="FILE.onnx",
                    help="explainer graph written by 'camserve export'")
-    p.add_argument("--method", default="gradcam", help="CAM method (default: gradcam)")
+    p.add_argument("--method", default=None,
+                   help="CAM method (default: the server's, gradcam)")
     p.add_argument("--target", type=int, default=None, metavar="C",
                    help="class index to explain (default: each image's top-1 class)")
     p.add_argument("--boxes", type=Path, default=None, metavar="boxes.json",
@@ -79,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> tuple[list[Path], dict[str, list[list[float]]]]:
     """Refuse bad options before the model loads; the images and ground-truth boxes."""
-    from camserve.explain.methods import check_method
+    from camserve.explain.methods import DEFAULT_METHOD, check_method
 
+    args.method = args.method or DEFAULT_METHOD
     check_method(args.method)
     if args.steps < 1:
         raise EvaluationError(f"--steps must be at least 1, got {args.steps}")

@@ -25,9 +25,9 @@ from camserve import contract
 from camserve.cli import main as camserve_main
 from camserve.contract import ModelCard
 from camserve.errors import CamserveError
+from camserve.explain import attributions, methods
 from camserve.export import ExportError, export_explainer
 from camserve.export.models import load
-from camserve.explain import attributions, methods
 from camserve.server.runtime import MissingCompanionError, load_model, load_models
 
 TARGET_CASES = {

@@ -9,13 +9,12 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import SAMPLES
 
 from camserve.cli import main
 from camserve.contract import Preprocessing
-from camserve.server.evaluate import metrics as ev
 from camserve.explain.attributions import black_baseline
-
-from conftest import SAMPLES
+from camserve.server.evaluate import metrics as ev
 
 # Ground truth for the samples, (x0, y0, x1, y1) in photo pixels: the cat's head in cat.jpg
 # (451 x 300), the cup with its handle in coffee.jpg (600 x 400).
@@ -169,9 +168,9 @@ def test_random_map_is_seeded_smooth_and_normalised():
 def lite0_scores(lite0_dir):
     """Per sample photo: deletion and insertion AUC of Grad-CAM, and of random maps (mean
     over three seeds), for the top-1 class."""
+    from camserve.explain.image import decode, preprocess
     from camserve.explain.methods import cam_maps
     from camserve.server.runtime import load_model
-    from camserve.explain.image import decode, preprocess
 
     model = load_model(lite0_dir / "efficientnet_lite0.onnx", device="cpu")
     spec = model.card.preprocessing

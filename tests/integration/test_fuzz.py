@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from camserve.errors import CamserveError
 from camserve.explain.image import decode
-from camserve.server.runtime import load_models
 from camserve.server.repository import ModelRepository
+from camserve.server.runtime import load_models
 from camserve.server.service import ExplainerService
 from camserve.v1 import explainer_pb2 as pb
 

@@ -27,8 +27,8 @@ import torchvision
 from camserve import contract
 from camserve.client import Client
 from camserve.contract import ModelCard
-from camserve.export import ExportResult, export_explainer
 from camserve.explain import methods
+from camserve.export import ExportResult, export_explainer
 from camserve.server.app import start
 from camserve.server.config import ServerConfig
 from camserve.server.runtime import MissingCompanionError, load_model, load_models
@@ -317,8 +317,8 @@ def test_get_model_lists_ablationcam_only_with_a_head(server):
 
 
 def test_model_without_a_head_does_not_offer_ablationcam(models_dir, tmp_path):
-    from camserve.server.runtime import load_models
     from camserve.server.repository import ModelRepository
+    from camserve.server.runtime import load_models
     from camserve.server.service import ExplainerService
 
     (tmp_path / "tiny.onnx").write_bytes((models_dir / "tiny.onnx").read_bytes())

@@ -9,8 +9,9 @@ import torch
 import torchvision
 
 from camserve.client import Client
-from camserve.export import export_explainer
 from camserve.explain import methods
+from camserve.explain.smoothing import perturbed_batch
+from camserve.export import export_explainer
 from camserve.server.app import start
 from camserve.server.config import ServerConfig
 
@@ -127,7 +128,7 @@ def test_noise_smoothing_is_one_batched_run_and_averages(served, resnet, image):
     assert np.abs(smooth - plain).max() > 1e-3   # and really averaged over noise
     # the same average computed here from grad-cam's maps of the same noisy copies
     rng = np.random.default_rng(1)
-    batch, _ = methods.perturbed_batch(image.numpy(), 8, 0.15, False, rng)
+    batch, _ = perturbed_batch(image.numpy(), 8, 0.15, False, rng)
     maps = [reference_map(resnet, "gradcam", [resnet.layer4], torch.from_numpy(b[None]), 5)
             for b in batch]
     expected = methods.normalize_maps(np.mean(maps, axis=0)[None])[0]

@@ -22,16 +22,15 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from conftest import ROOT, SAMPLES
 
 from camserve import contract
 from camserve.contract import ContractError, ModelCard
-from camserve.export import ExportError, export_explainer
-from camserve.export import precision as fp16
 from camserve.explain import methods
 from camserve.explain.image import decode, preprocess
+from camserve.export import ExportError, export_explainer
+from camserve.export import precision as fp16
 from camserve.server.runtime import load_models
-
-from conftest import ROOT, SAMPLES
 
 MAP_TOLERANCE = 2e-2
 MAP_CORRELATION = 0.999

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import ROOT
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -26,8 +27,6 @@ from camserve.explain.image import preprocess
 from camserve.server.runtime import load_models
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
-
-from conftest import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ from camserve.client.explanation import explanations_from
 from camserve.errors import CallerError
 from camserve.explain import methods, smoothing
 from camserve.explain.geometry import Geometry
-from camserve.explain.pipeline import Explained, Target, to_response
+from camserve.explain.pipeline import Explained, Target
+from camserve.explain.response import to_response
 
 # --- geometry ---------------------------------------------------------------------------
 
