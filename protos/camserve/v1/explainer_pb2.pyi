@@ -15,12 +15,25 @@ class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UINT8: _ClassVar[DataType]
     INT64: _ClassVar[DataType]
 
+class PixelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PIXEL_FORMAT_UNSPECIFIED: _ClassVar[PixelFormat]
+    RGB8: _ClassVar[PixelFormat]
+    BGR8: _ClassVar[PixelFormat]
+    RGBA8: _ClassVar[PixelFormat]
+    BGRA8: _ClassVar[PixelFormat]
+    MONO8: _ClassVar[PixelFormat]
+    YUYV: _ClassVar[PixelFormat]
+    NV12: _ClassVar[PixelFormat]
+    I420: _ClassVar[PixelFormat]
+
 class CamSpace(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CAM_SPACE_UNSPECIFIED: _ClassVar[CamSpace]
     FEATURE_MAP: _ClassVar[CamSpace]
     MODEL_INPUT: _ClassVar[CamSpace]
     ORIGINAL_IMAGE: _ClassVar[CamSpace]
+    NO_MAP: _ClassVar[CamSpace]
 
 class LayerFusion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -33,10 +46,20 @@ FLOAT32: DataType
 FLOAT16: DataType
 UINT8: DataType
 INT64: DataType
+PIXEL_FORMAT_UNSPECIFIED: PixelFormat
+RGB8: PixelFormat
+BGR8: PixelFormat
+RGBA8: PixelFormat
+BGRA8: PixelFormat
+MONO8: PixelFormat
+YUYV: PixelFormat
+NV12: PixelFormat
+I420: PixelFormat
 CAM_SPACE_UNSPECIFIED: CamSpace
 FEATURE_MAP: CamSpace
 MODEL_INPUT: CamSpace
 ORIGINAL_IMAGE: CamSpace
+NO_MAP: CamSpace
 LAYER_FUSION_UNSPECIFIED: LayerFusion
 MEAN: LayerFusion
 SUM: LayerFusion
@@ -53,28 +76,46 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class RawImage(_message.Message):
-    __slots__ = ("height", "width", "pixels")
+    __slots__ = ("height", "width", "pixels", "format", "step")
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     PIXELS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     height: int
     width: int
     pixels: bytes
-    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., pixels: _Optional[bytes] = ...) -> None: ...
+    format: PixelFormat
+    step: int
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., pixels: _Optional[bytes] = ..., format: _Optional[_Union[PixelFormat, str]] = ..., step: _Optional[int] = ...) -> None: ...
+
+class RegionOptions(_message.Message):
+    __slots__ = ("enabled", "threshold", "max_regions", "min_area")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    MIN_AREA_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    threshold: float
+    max_regions: int
+    min_area: float
+    def __init__(self, enabled: _Optional[bool] = ..., threshold: _Optional[float] = ..., max_regions: _Optional[int] = ..., min_area: _Optional[float] = ...) -> None: ...
 
 class OutputOptions(_message.Message):
-    __slots__ = ("space", "dtype", "include_logits", "include_activations", "include_gradients")
+    __slots__ = ("space", "dtype", "include_logits", "include_activations", "include_gradients", "regions")
     SPACE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_LOGITS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     space: CamSpace
     dtype: DataType
     include_logits: bool
     include_activations: bool
     include_gradients: bool
-    def __init__(self, space: _Optional[_Union[CamSpace, str]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., include_logits: _Optional[bool] = ..., include_activations: _Optional[bool] = ..., include_gradients: _Optional[bool] = ...) -> None: ...
+    regions: RegionOptions
+    def __init__(self, space: _Optional[_Union[CamSpace, str]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., include_logits: _Optional[bool] = ..., include_activations: _Optional[bool] = ..., include_gradients: _Optional[bool] = ..., regions: _Optional[_Union[RegionOptions, _Mapping]] = ...) -> None: ...
 
 class Smoothing(_message.Message):
     __slots__ = ("noise_samples", "noise_sigma", "horizontal_flip", "seed")
@@ -137,18 +178,40 @@ class ExplainRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[RawImage, _Mapping]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., method: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[LayerFusion, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., smoothing: _Optional[_Union[Smoothing, _Mapping]] = ..., raw_maps: _Optional[bool] = ..., integrated_gradients: _Optional[_Union[IntegratedGradients, _Mapping]] = ...) -> None: ...
 
 class Target(_message.Message):
-    __slots__ = ("class_index", "label", "logit", "probability", "cam")
+    __slots__ = ("class_index", "label", "logit", "probability", "cam", "regions")
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     LOGIT_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     CAM_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     class_index: int
     label: str
     logit: float
     probability: float
     cam: Tensor
-    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., logit: _Optional[float] = ..., probability: _Optional[float] = ..., cam: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    regions: _containers.RepeatedCompositeFieldContainer[Region]
+    def __init__(self, class_index: _Optional[int] = ..., label: _Optional[str] = ..., logit: _Optional[float] = ..., probability: _Optional[float] = ..., cam: _Optional[_Union[Tensor, _Mapping]] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ...) -> None: ...
+
+class Point(_message.Message):
+    __slots__ = ("x", "y")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    x: int
+    y: int
+    def __init__(self, x: _Optional[int] = ..., y: _Optional[int] = ...) -> None: ...
+
+class Region(_message.Message):
+    __slots__ = ("polygon", "box", "area", "peak")
+    POLYGON_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    AREA_FIELD_NUMBER: _ClassVar[int]
+    PEAK_FIELD_NUMBER: _ClassVar[int]
+    polygon: _containers.RepeatedCompositeFieldContainer[Point]
+    box: Box
+    area: float
+    peak: float
+    def __init__(self, polygon: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., area: _Optional[float] = ..., peak: _Optional[float] = ...) -> None: ...
 
 class Box(_message.Message):
     __slots__ = ("x0", "y0", "x1", "y1")
@@ -305,7 +368,7 @@ class LayerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "architecture", "labels", "input_shape", "preprocessing", "layers", "methods", "contract_version", "execution_provider", "camserve_version")
+    __slots__ = ("name", "version", "architecture", "labels", "input_shape", "preprocessing", "layers", "methods", "contract_version", "execution_provider", "camserve_version", "pixel_formats")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -317,6 +380,7 @@ class ModelInfo(_message.Message):
     CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     CAMSERVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_FORMATS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     architecture: str
@@ -328,4 +392,5 @@ class ModelInfo(_message.Message):
     contract_version: int
     execution_provider: str
     camserve_version: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ..., contract_version: _Optional[int] = ..., execution_provider: _Optional[str] = ..., camserve_version: _Optional[str] = ...) -> None: ...
+    pixel_formats: _containers.RepeatedScalarFieldContainer[PixelFormat]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[str]] = ..., contract_version: _Optional[int] = ..., execution_provider: _Optional[str] = ..., camserve_version: _Optional[str] = ..., pixel_formats: _Optional[_Iterable[_Union[PixelFormat, str]]] = ...) -> None: ...
