@@ -40,6 +40,15 @@ demo: install $(DEMO_MODEL)
 test: install
 	$(PY) -m pytest -q
 
+# The C++ client (client/cpp): library, camserve-explain-cpp and its CMake package, in build/cpp.
+# Needs (Debian 12): apt-get install libgrpc++-dev protobuf-compiler-grpc protobuf-compiler
+# libprotobuf-dev libopencv-dev pkg-config cmake g++. `make test` builds and tests it too
+# (tests/integration/test_cpp.py, in build/cpp-test), skipping it without those packages.
+.PHONY: cpp
+cpp:
+	cmake -S client/cpp -B build/cpp -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/cpp -j $$(nproc)
+
 # The fast suite to run while editing: no server, no export, seconds.
 test-unit: install
 	$(PY) -m pytest -q tests/unit
@@ -57,6 +66,12 @@ proto: install
 # BENCH_ARGS=--quick for a ~1 minute smoke run). Writes bench/results/bench.{md,json}.
 bench: install
 	$(PY) bench/compare.py $(BENCH_ARGS)
+
+# Camera frames e2e per input kind (JPEG, RGB8, BGR8, NV12, client-resized) at 480p/1080p/4K
+# beside the graph alone (~1 min on 2 cores). Writes bench/results/frames.{md,json}.
+.PHONY: bench-frames
+bench-frames: install $(DEMO_MODEL)
+	$(PY) bench/frames.py $(BENCH_ARGS)
 
 clean:
 	rm -rf out $(MODELS) .pytest_cache

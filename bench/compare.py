@@ -1,41 +1,33 @@
-"""What a Grad-CAM explanation costs: camserve side by side with the PyTorch libraries.
+"""What a Grad-CAM explanation costs, each side measured in a process of its own.
 
 ``make bench`` (or ``.venv/bin/python bench/compare.py [--quick]``). For each model
-(resnet50 with random weights -- timing does not depend on them -- and the pretrained
-EfficientNet-Lite0), on the CPU (``--device cuda``: on the GPU, see below), B=1, 224x224,
-with the same thread count everywhere (onnxruntime intra-op threads = torch threads =
---threads):
+(EfficientNet-Lite0, pretrained: models/efficientnet_lite0.onnx, exported when missing;
+resnet50 with seeded random weights, exported into a temporary folder), on the CPU, B=1,
+the same thread count everywhere (onnxruntime intra-op threads = torch threads = --threads):
 
-  (a) onnxruntime forward of the plain classifier (torch.onnx.export, dynamo=False)
-  (b) the explainer graph in-process, Grad-CAM included (session run + cam_maps to 224x224)
-  (c) camserve over gRPC on loopback, server in a subprocess: the SDK default
-      (Client.explain, MODEL_INPUT float16 map) and the smallest response (raw stub call,
-      FEATURE_MAP float16)
-  (d) grad-cam 1.5.7 GradCAM on torch, ClassifierOutputTarget(top class)
-  (e) Captum LayerGradCam on torch, upsampled with LayerAttribution.interpolate
+  forward        onnxruntime, the plain classifier (torch.onnx.export of the same weights)
+  graph          onnxruntime, the explainer graph: one ``session.run``
+  graph+cam      the same session, then camserve's Grad-CAM postprocessing to the model input
+  e2e            ``Client.explain`` (SDK default: predicted class, map at model input,
+                 float16) of samples/cat.jpg over gRPC on loopback to ``camserve serve`` in
+                 its own process, dynamic batching on (the default) and off
+  grad-cam       grad-cam 1.5.7 ``GradCAM`` on torch, ``ClassifierOutputTarget(top class)``
+  captum         Captum ``LayerGradCam`` + ``LayerAttribution.interpolate`` on torch
 
-(d) and (e) explain the layer camserve exports by default (resnet50: layer4, Lite0: _bn1).
-(e) is left out, with a note, where Captum is not installed.
+The onnxruntime sides run once with the intra-op pool spinning (onnxruntime's default, what
+the server runs) and once with ``session.intra_op.allow_spinning`` 0, each in its own process
+without torch (design.md's benchmark traps); the torch sides each in their own process, on
+the same weights (resnet50: one seeded state_dict for the export and for torch). Every side
+gets the same picture: samples/cat.jpg through camserve's preprocessing, saved to .npy (the
+server gets cat.jpg itself and makes that tensor). Every call runs once per round, in a
+fresh random order, ``--pause-ms`` after the previous one, after warm-up rounds; the tables
+give median and p10-p90. The 1-minute load average is recorded before and after each model.
 
-``--device cuda`` runs (a) and (b) on onnxruntime's CUDA provider (the explainer through IO
-binding, as the server runs it on CUDA; with one more row, (b) without IO binding), the
-servers with ``--device cuda``, and (d) and (e) with the model and input on the GPU.
-``--precision float32 float16`` measures each model once per precision: the explainer and
-the plain classifier of (a) exported in that precision (``camserve export --precision``),
-(d) and (e) always in float32 on torch.
-Every request sends the same JPEG: samples/cat.jpg resized to 224x224 and re-encoded
-(quality 90), so the server decodes and preprocesses an image of the model's input size;
-(a), (b), (d) and (e) get the tensor the server's preprocessing makes of it.
+Throughput: the explainer graph's best in-process rate over batch sizes (its own process,
+spinning) is the limit; 1/4/16 concurrent clients' explanations/s over gRPC, with and without
+batching, as a fraction of it.
 
-The methods run round-robin (each round in a new random order) after a warm-up, so all see
-the same machine state (the servers of every mode are up meanwhile, idle unless called); the
-tables give medians. Then, per server mode (dynamic batching on and off, when
-``camserve serve`` has --no-batching): throughput with 1, 4 and 16 concurrent client threads
-(each with its own Client, SDK default requests, a fixed duration per level), the server's
-RSS after warm-up and after the load, and the response sizes.
-
-Writes bench/results/bench.md (the tables, also printed) and bench/results/bench.json (every
-number, raw timings included).
+Writes bench/results/bench.md (also printed) and bench/results/bench.json.
 """
 
 from __future__ import annotations
@@ -45,259 +37,217 @@ import importlib.metadata
 import json
 import os
 import platform
-import random
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import cv2
-import grpc
 import numpy as np
-import onnx
-import onnxruntime as ort
-import psutil
-import torch
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from camserve.client import Client
-from camserve import contract
-from camserve.export import export_explainer
-from camserve.export.models import load
-from camserve.export.precision import to_float16
-from camserve.explain import methods
-from camserve.explain.image import decode, preprocess
-from camserve.server.runtime import load_model, open_session
-from camserve.v1 import explainer_pb2 as pb
-from camserve.v1 import explainer_pb2_grpc as pb_grpc
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from frames import free_port, summary, time_rounds  # noqa: E402  (bench/frames.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "samples" / "cat.jpg"
-SIZE = 224
-JPEG_QUALITY = 90
+LITE0 = ROOT / "models" / "efficientnet_lite0.onnx"
 TIMEOUT_S = 60.0
-SERVER_START_S = 300.0
-
-Call = Callable[[], object]
-
-# what each measurement is, in the order of the latency table (c's keys get "/<server mode>")
+SEED = 0
+# the issue's targets: e2e/forward per model, graph/forward for every model
+E2E_TARGET = {"efficientnet_lite0": 1.25, "resnet50": 1.05}
+GRAPH_TARGET = 1.03
 LABELS = {
-    "a": "(a) onnxruntime forward, plain classifier",
-    "b": "(b) explainer graph + Grad-CAM, in-process",
-    "b_unbound": "(b) explainer graph + Grad-CAM, in-process, without IO binding",
-    "c_sdk": "(c) gRPC, SDK default (Client.explain, MODEL_INPUT float16)",
-    "c_min": "(c) gRPC, smallest response (stub, FEATURE_MAP float16)",
-    "d": "(d) grad-cam 1.5.7 GradCAM, torch",
-    "e": "(e) Captum LayerGradCam + interpolate, torch",
+    "forward/spin": "onnxruntime forward, plain classifier (spinning)",
+    "forward/nospin": "onnxruntime forward, plain classifier (spinning off)",
+    "graph/spin": "explainer graph, session.run (spinning)",
+    "graph/nospin": "explainer graph, session.run (spinning off)",
+    "graph+cam/spin": "explainer graph + Grad-CAM to model input, in-process (spinning)",
+    "e2e/batching": "camserve e2e over gRPC, cat.jpg, SDK default (batching on)",
+    "e2e/no-batching": "camserve e2e over gRPC, cat.jpg, SDK default (--no-batching)",
+    "grad-cam": "grad-cam 1.5.7 GradCAM, torch",
+    "captum": "Captum LayerGradCam + interpolate, torch",
 }
-STAGES = ("decode", "preprocess", "inference", "postprocess")  # the server's Timings
-# response sizes: (space for Client.request, map dtype)
-RESPONSES = {
-    "feature_map_float16": ("feature_map", pb.FLOAT16),
-    "model_input_float16": ("model_input", pb.FLOAT16),
-    "model_input_float32": ("model_input", pb.FLOAT32),
-}
-
-
-@dataclass(frozen=True)
-class Settings:
-    device: str  # "cpu" or "cuda": onnxruntime's provider, the servers' and torch's device
-    threads: int
-    runs: int
-    warmup: int
-    seconds: float  # per throughput level
-    clients: tuple[int, ...]
-
-
-@dataclass
-class Subject:
-    """One model in one precision, exported both ways, and its input."""
-
-    arch: str
-    precision: str  # of the two ONNX files; torch runs float32
-    module: torch.nn.Module
-    layer: str  # the layer camserve explains by default
-    plain: Path  # plain classifier ONNX
-    models_dir: Path  # holds only this model's explainer: the server's --models
-    image: np.ndarray  # float32 [1,3,224,224], as the server preprocesses the JPEG
-
-
-# --- timing -------------------------------------------------------------------------------
-_T0 = time.monotonic()
+STAGES = ("decode", "preprocess", "inference", "postprocess")
 
 
 def progress(message: str) -> None:
-    print(f"[{time.monotonic() - _T0:5.0f} s] {message}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {message}", flush=True)
 
 
-def time_round_robin(calls: dict[str, Call], runs: int, warmup: int) -> dict[str, list[float]]:
-    """Milliseconds per call: every round runs each call once, in a fresh (seeded) random
-    order, so that no call always follows the same one (thread pools of onnxruntime, torch
-    and OpenCV keep spinning for a while after a call, slowing whatever comes next)."""
-    names, order = list(calls), random.Random(0)
-    for _ in range(warmup):
-        for name in names:
-            calls[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(runs):
-        for name in order.sample(names, len(names)):
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+# --- the measured sides, each a process of its own ----------------------------------------
+def worker(args: argparse.Namespace) -> None:
+    """Serve one side on stdin/stdout: 'ready <json>' first, then per line 'run', 'explain'
+    or 'batch B N' the milliseconds it took (batch: the median of N runs at batch B)."""
+    image = np.load(args.tensor)
+    calls: dict[str, Callable[[], object]] = {}
+    info: dict[str, Any] = {"pid": os.getpid()}
+    run_batch = None
+    if args.worker.startswith("ort"):
+        import onnxruntime as ort
+
+        from camserve import modelfile
+        from camserve.explain import methods
+        from camserve.server.runtime import session_options
+
+        options = session_options(args.threads)
+        spinning = "1" if args.spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        session = ort.InferenceSession(str(args.model), options,
+                                       providers=["CPUExecutionProvider"])
+        info |= {"onnxruntime": ort.__version__, "allow_spinning": spinning,
+                 "intra_op_threads": args.threads}
+        if args.worker == "ort-forward":
+            feeds = {"image": image}
+            calls["run"] = lambda: session.run(None, feeds)
+        else:
+            card = modelfile.explainer(modelfile.read(args.model)).card
+            layers = [layer.name for layer in card.layers]
+            fetches = card.fetches(layers)
+            feeds = {"image": image, "targets": np.full((1, 1), -1, np.int64)}
+
+            def explain() -> object:
+                _, _, per_layer = card.unpack(layers, session.run(fetches, feeds))
+                return methods.cam_maps("gradcam", [(a[0], g[0]) for a, g in
+                                                    per_layer.values()], card.input_size)
+
+            def run_batch(size: int) -> None:
+                session.run(fetches, {"image": np.repeat(image, size, axis=0),
+                                      "targets": np.full((size, 1), -1, np.int64)})
+
+            calls["run"] = lambda: session.run(fetches, feeds)
+            calls["explain"] = explain
+        assert "torch" not in sys.modules, "torch must stay out of the onnxruntime sides"
+    else:
+        import torch
+
+        from camserve.export.models import load
+
+        torch.set_num_threads(args.threads)
+        module = load(args.arch, args.weights).module.eval()
+        layer = dict(module.named_modules())[args.layer]
+        x = torch.from_numpy(image)
+        with torch.no_grad():
+            top = int(module(x).argmax())
+        info |= {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                 "top_class": top}
+        if args.worker == "grad-cam":
+            from pytorch_grad_cam import GradCAM
+            from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+            cam, targets = GradCAM(model=module, target_layers=[layer]), \
+                [ClassifierOutputTarget(top)]
+            calls["run"] = lambda: cam(input_tensor=x, targets=targets)
+        else:
+            from captum.attr import LayerAttribution, LayerGradCam
+
+            method = LayerGradCam(module, layer)
+            calls["run"] = lambda: LayerAttribution.interpolate(
+                method.attribute(x, target=top), tuple(x.shape[2:]))
+    print("ready " + json.dumps(info), flush=True)
+    for line in sys.stdin:
+        command, *rest = line.split()
+        if command == "batch":
+            size, count = int(rest[0]), int(rest[1])
+            run_batch(size)
+            times = []
+            for _ in range(count):
+                start = time.perf_counter()
+                run_batch(size)
+                times.append((time.perf_counter() - start) * 1e3)
+            print(f"{statistics.median(times):.4f}", flush=True)
+            continue
+        start = time.perf_counter()
+        calls[command]()
+        print(f"{(time.perf_counter() - start) * 1e3:.4f}", flush=True)
 
 
-def summary(samples: list[float]) -> dict[str, Any]:
-    deciles = (statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1
-               else samples * 9)
-    return {"median": statistics.median(samples), "p10": deciles[0], "p90": deciles[-1],
-            "samples": [round(s, 3) for s in samples]}
+class Side:
+    """A worker process: ``ask(command)`` -> the milliseconds it reports."""
+
+    def __init__(self, kind: str, common: list[str], *extra: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker", kind, *common, *extra],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        if not line.startswith("ready "):
+            self.process.kill()
+            raise RuntimeError(f"the {kind} process did not start")
+        self.info = json.loads(line[6:])
+
+    def ask(self, command: str) -> float:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return float(self.process.stdout.readline())
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(30)
 
 
-# --- models -------------------------------------------------------------------------------
-def sample_jpeg() -> bytes:
-    photo = cv2.imread(str(SAMPLE), cv2.IMREAD_COLOR)
-    small = cv2.resize(photo, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
-    ok, data = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-    assert ok, "OpenCV could not encode the sample"
-    return data.tobytes()
+# --- models ---------------------------------------------------------------------------------
+def prepare(args: argparse.Namespace) -> None:
+    """(in a torch process) ``--prepare ARCH FOLDER``: the plain classifier ONNX of ARCH
+    and, for torchvision architectures, a seeded state_dict the explainer export and the
+    torch sides share."""
+    import warnings
 
+    import torch
 
-def prepare(arch: str, folder: Path, jpeg: bytes,
-            precision: str = contract.FLOAT32) -> Subject:
-    """Export ``arch`` as a plain classifier and as an explainer (the default layer), both
-    in ``precision``."""
-    loaded = load(arch)  # resnet50: torchvision.models.resnet50(weights=None)
-    module = loaded.module.eval()
-    tag = arch if precision == contract.FLOAT32 else f"{arch}-{precision}"
-    models_dir = folder / tag
-    models_dir.mkdir()
-    result = export_explainer(module, models_dir / f"{arch}.onnx", input_size=SIZE,
-                              labels=loaded.labels, preprocess=loaded.preprocessing,
-                              architecture=arch, precision=precision)
-    plain = folder / f"{tag}_plain.onnx"
+    from camserve.export.models import load
+
+    arch, folder = args.prepare[0], Path(args.prepare[1])
+    torch.manual_seed(SEED)
+    weights = None
+    if arch != "efficientnet_lite0":
+        module = load(arch).module.eval()
+        weights = folder / f"{arch}.pt"
+        torch.save(module.state_dict(), weights)
+    module = load(arch, weights).module.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.zeros(1, 3, SIZE, SIZE),), str(plain), dynamo=False,
-                          input_names=["image"], output_names=["logits"], opset_version=17)
-    if precision == contract.FLOAT16:
-        onnx.save(to_float16(onnx.load(str(plain))), str(plain))
-    image, _ = preprocess(decode(jpeg), loaded.preprocessing)
-    return Subject(arch, precision, module, result.card.layers[0].name, plain, models_dir,
-                   image)
+        torch.onnx.export(module, (torch.zeros(1, 3, 224, 224),), str(folder / f"{arch}_plain.onnx"),
+                          dynamo=False, input_names=["image"], output_names=["logits"],
+                          opset_version=17, dynamic_axes={"image": {0: "batch"}})
 
 
-def subject_name(s: Subject) -> str:
-    """The model's row label: the architecture, and the precision unless float32."""
-    return s.arch if s.precision == contract.FLOAT32 else f"{s.arch} {s.precision}"
+def export_model(arch: str, folder: Path) -> tuple[Path, Path, Path | None]:
+    """(explainer, plain classifier, torch weights or None) of ``arch``, under ``folder``."""
+    subprocess.run([sys.executable, __file__, "--prepare", arch, str(folder)], check=True)
+    weights = folder / f"{arch}.pt"
+    if arch == "efficientnet_lite0":
+        if not LITE0.is_file():
+            subprocess.run([sys.executable, "-m", "camserve", "export", "--arch", arch,
+                            "--out", str(LITE0.parent)], check=True)
+        explainer = LITE0
+    else:
+        models = folder / arch
+        subprocess.run([sys.executable, "-m", "camserve", "export", "--arch", arch, "--weights",
+                        str(weights), "--out", str(models)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        explainer = models / f"{arch}.onnx"
+    return explainer, folder / f"{arch}_plain.onnx", weights if weights.is_file() else None
 
 
-def onnx_calls(s: Subject, threads: int, device: str = "cpu") -> dict[str, Call]:
-    """(a) and (b), on sessions made exactly as the server makes them; on CUDA also (b)
-    without IO binding."""
-    plain, _ = open_session(s.plain, device, threads)
-    path = s.models_dir / f"{s.arch}.onnx"
-    explainers = {"b": load_model(path, device, threads)}
-    if device == "cuda":
-        explainers["b_unbound"] = load_model(path, device, threads, io_binding=False)
-    targets = np.full((1, 1), -1, np.int64)  # the predicted class
-
-    def forward() -> object:
-        return plain.run(None, {"image": s.image})
-
-    def explain(explainer) -> Call:
-        def call() -> object:
-            _, _, per_layer = explainer.run(s.image, targets, [s.layer])
-            return methods.cam_maps("gradcam", [(a[0], g[0]) for a, g in per_layer.values()],
-                                (SIZE, SIZE))
-        return call
-
-    return {"a": forward} | {key: explain(model) for key, model in explainers.items()}
-
-
-def torch_calls(s: Subject, device: str = "cpu") -> dict[str, Call]:
-    """(d) and (e) for the predicted class, on the same layer and input, on ``device``
-    (each returns a host array or tensor, so a GPU call has finished when it returns);
-    (e) only where Captum is installed."""
-    module = s.module.to(device)
-    x = torch.from_numpy(s.image).to(device)
-    with torch.no_grad():
-        top = int(module(x).argmax())
-    layer = module.get_submodule(s.layer)
-    targets = [ClassifierOutputTarget(top)]
-
-    def grad_cam() -> object:
-        with GradCAM(model=module, target_layers=[layer]) as method:  # hooks off after
-            return method(input_tensor=x, targets=targets)
-
-    calls: dict[str, Call] = {"d": grad_cam}
-    try:
-        from captum.attr import LayerAttribution, LayerGradCam
-    except ImportError:
-        return calls
-    captum = LayerGradCam(module, layer)
-
-    def captum_cam() -> object:
-        return LayerAttribution.interpolate(captum.attribute(x, target=top), (SIZE, SIZE),
-                                            "bilinear").cpu()
-
-    return calls | {"e": captum_cam}
-
-
-# --- the server ---------------------------------------------------------------------------
-def server_modes() -> tuple[dict[str, list[str]], list[str]]:
-    """Server modes to compare (name -> extra `camserve serve` flags), and notes."""
-    text = subprocess.run([sys.executable, "-m", "camserve", "serve", "--help"],
-                          capture_output=True, text=True, check=True).stdout
-    if "--no-batching" in text:
-        return {"batching": [], "no-batching": ["--no-batching"]}, []
-    return {"default": []}, ["`camserve serve` has no --no-batching flag yet: one server mode "
-                             "only (no dynamic batching)"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
+# --- the server -----------------------------------------------------------------------------
 class Server:
-    """`camserve serve` in a subprocess, healthy once the constructor returns."""
+    def __init__(self, models: Path, threads: int, flags: list[str], log: Path) -> None:
+        from camserve.client import Client
 
-    def __init__(self, models_dir: Path, threads: int, flags: list[str], log: Path,
-                 device: str = "cpu") -> None:
-        self.address = f"127.0.0.1:{free_port()}"
-        self.log = log
-        command = [sys.executable, "-m", "camserve", "serve", "--models", str(models_dir),
-                   "--port", self.address.rsplit(":", 1)[1], "--device", device,
-                   "--intra-op-threads", str(threads), *flags]
+        port = free_port()
         with log.open("w") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            self._wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_healthy(self) -> None:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "camserve", "serve", "--models", str(models), "--port",
+                 str(port), "--device", "cpu", "--intra-op-threads", str(threads), *flags],
+                stdout=out, stderr=subprocess.STDOUT)
+        self.address = f"127.0.0.1:{port}"
         with Client(self.address, timeout=2) as client:
-            if client.wait_until_serving(SERVER_START_S, lambda: self.process.poll() is None):
-                return
-        raise RuntimeError(f"the server did not become healthy (exit code "
-                           f"{self.process.poll()}): {self.log.read_text()[-2000:]}")
-
-    def rss_mib(self) -> float:
-        return psutil.Process(self.process.pid).memory_info().rss / 2**20
+            if not client.wait_until_serving(300, lambda: self.process.poll() is None):
+                self.process.kill()
+                raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -308,227 +258,139 @@ class Server:
             self.process.wait()
 
 
-def request(jpeg: bytes, arch: str, space: str, dtype: int) -> pb.ExplainRequest:
-    """The SDK's request for the predicted class, with the map in ``space`` and ``dtype``."""
-    message = Client.request(jpeg, model=arch, space=space)
-    message.output.dtype = dtype
-    return message
+def served_folder(explainer: Path, scratch: Path) -> Path:
+    """A folder holding only this model (and its companions), for ``--models``."""
+    folder = scratch / f"served-{explainer.stem}"
+    folder.mkdir(exist_ok=True)
+    for path in explainer.parent.glob(explainer.stem + ".*onnx"):
+        if not (folder / path.name).exists():
+            (folder / path.name).symlink_to(path)
+    return folder
 
 
-class Endpoint:
-    """A connection to a server: the SDK client and a raw stub on a channel of its own."""
-
-    def __init__(self, address: str) -> None:
-        self.client = Client(address, timeout=TIMEOUT_S)
-        self.channel = grpc.insecure_channel(address)
-        self.stub = pb_grpc.ExplainerStub(self.channel)
-        self.timings: list[pb.Timings] = []  # server stage timings of the raw calls
-
-    def calls(self, jpeg: bytes, arch: str) -> dict[str, Call]:
-        smallest = request(jpeg, arch, *RESPONSES["feature_map_float16"])
-
-        def sdk() -> object:
-            return self.client.explain(jpeg, model=arch)
-
-        def raw() -> object:
-            response = self.stub.Explain(smallest, timeout=TIMEOUT_S)
-            self.timings.append(response.timings)
-            return response
-
-        return {"c_sdk": sdk, "c_min": raw}
-
-    def response_bytes(self, jpeg: bytes, arch: str) -> dict[str, int]:
-        return {name: self.stub.Explain(request(jpeg, arch, space, dtype),
-                                        timeout=TIMEOUT_S).ByteSize()
-                for name, (space, dtype) in RESPONSES.items()}
-
-    def close(self) -> None:
-        self.client.close()
-        self.channel.close()
+def e2e_call(client, jpeg: bytes, model: str) -> Callable[[], float]:
+    def call() -> float:
+        start = time.perf_counter()
+        client.explain(jpeg, model=model)
+        return (time.perf_counter() - start) * 1e3
+    return call
 
 
-def stages_ms(timings: list[pb.Timings], elapsed_ms: list[float]) -> dict[str, float]:
-    """Medians (ms) of the server's stages in the timed raw calls, and of the rest of each
-    call (gRPC, protobuf, the client): its elapsed time less the server's stages."""
-    server = [[getattr(t, f"{stage}_us") / 1e3 for stage in STAGES]
-              for t in timings[-len(elapsed_ms):]]  # the warm-up calls came first
-    columns = {stage: [row[i] for row in server] for i, stage in enumerate(STAGES)}
-    columns["rest"] = [elapsed - sum(row) for elapsed, row in zip(elapsed_ms, server)]
-    return {name: statistics.median(values) for name, values in columns.items()}
+def stage_ms(client, jpeg: bytes, model: str, calls: int = 15) -> dict[str, float]:
+    """The server's own stage medians (ms) for the SDK's request, from separate calls."""
+    from camserve.client import Client
+
+    request = Client.request(jpeg, model=model)
+    timings = [client._stub.Explain(request, timeout=TIMEOUT_S).timings for _ in range(calls)]
+    return {stage: statistics.median(getattr(t, f"{stage}_us") / 1e3 for t in timings)
+            for stage in STAGES}
 
 
-def throughput(address: str, jpeg: bytes, arch: str, clients: int, seconds: float) -> float:
+def clients_rate(address: str, jpeg: bytes, model: str, clients: int, seconds: float) -> float:
     """Explanations/s: ``clients`` threads, each with its own Client, for ``seconds``."""
+    from camserve.client import Client
+
     window: dict[str, float] = {}
     gate = threading.Barrier(clients, action=lambda: window.update(start=time.perf_counter()),
                              timeout=TIMEOUT_S)
 
-    def worker() -> tuple[int, float]:
+    def one() -> tuple[int, float]:
         with Client(address, timeout=TIMEOUT_S) as client:
-            client.explain(jpeg, model=arch)  # connected and warm before the clock starts
+            client.explain(jpeg, model=model)  # connected and warm before the clock starts
             gate.wait()
             end, done = window["start"] + seconds, 0
             while time.perf_counter() < end:
-                client.explain(jpeg, model=arch)
+                client.explain(jpeg, model=model)
                 done += 1
             return done, time.perf_counter()
 
     with ThreadPoolExecutor(clients) as pool:
-        results = [f.result() for f in [pool.submit(worker) for _ in range(clients)]]
+        results = [f.result() for f in [pool.submit(one) for _ in range(clients)]]
     return sum(n for n, _ in results) / (max(t for _, t in results) - window["start"])
 
 
-def start_servers(s: Subject, settings: Settings, modes: dict[str, list[str]], scratch: Path,
-                  stack: ExitStack, notes: list[str]) -> dict[str, Server]:
-    """One server per mode (stopped by ``stack``); a mode that fails to start is noted."""
-    servers = {}
-    for mode, flags in modes.items():
-        log = scratch / f"{s.models_dir.name}-{mode}.log"
-        try:
-            servers[mode] = Server(s.models_dir, settings.threads, flags, log, settings.device)
-        except RuntimeError as exc:
-            notes.append(f"{subject_name(s)}: server mode {mode!r} failed to start: {exc}")
-            continue
-        stack.callback(servers[mode].stop)
-    return servers
+# --- one model ------------------------------------------------------------------------------
+def measure(arch: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    from camserve import modelfile
+    from camserve.client import Client
+    from camserve.explain.image import decode, preprocess
+
+    load_before = os.getloadavg()
+    progress(f"{arch}: exporting")
+    explainer, plain, weights = export_model(arch, scratch)
+    card = modelfile.explainer(modelfile.read(explainer)).card
+    jpeg = SAMPLE.read_bytes()
+    tensor = scratch / f"{arch}.npy"
+    np.save(tensor, preprocess(decode(jpeg), card.preprocessing)[0])
+    common = ["--tensor", str(tensor), "--threads", str(args.threads)]
+    torch_args = ["--arch", arch, "--layer", card.layers[0].name,
+                  *(["--weights", str(weights)] if weights else [])]
+    sides: dict[str, Side] = {}
+    servers: dict[str, Server] = {}
+    clients: dict[str, Any] = {}
+    try:
+        progress(f"{arch}: starting the sides and servers")
+        sides["forward/spin"] = Side("ort-forward", common, "--model", str(plain), "--spinning")
+        sides["forward/nospin"] = Side("ort-forward", common, "--model", str(plain))
+        sides["graph/spin"] = Side("ort-graph", common, "--model", str(explainer), "--spinning")
+        sides["graph/nospin"] = Side("ort-graph", common, "--model", str(explainer))
+        if not args.no_torch:
+            sides["grad-cam"] = Side("grad-cam", common, *torch_args)
+            if installed("captum") != "not installed":
+                sides["captum"] = Side("captum", common, *torch_args)
+        folder = served_folder(explainer, scratch)
+        for mode, flags in (("batching", []), ("no-batching", ["--no-batching"])):
+            servers[mode] = Server(folder, args.threads, flags, scratch / f"{arch}-{mode}.log")
+            clients[mode] = Client(servers[mode].address, timeout=TIMEOUT_S)
+        calls: dict[str, Callable[[], float]] = {
+            key: (lambda side=side: side.ask("run")) for key, side in sides.items()}
+        calls["graph+cam/spin"] = lambda: sides["graph/spin"].ask("explain")
+        for mode, client in clients.items():
+            calls[f"e2e/{mode}"] = e2e_call(client, jpeg, explainer.stem)
+        progress(f"{arch}: {len(calls)} calls x {args.runs} rounds ({args.warmup} warm-up)")
+        load_rounds = os.getloadavg()
+        times = time_rounds(calls, args.runs, args.warmup, args.pause_ms / 1e3)
+        load_after_rounds = os.getloadavg()
+        stages = {mode: stage_ms(client, jpeg, explainer.stem) for mode, client in clients.items()}
+        progress(f"{arch}: throughput")
+        graph_side = sides["graph/spin"]
+        batch_ms = {b: graph_side.ask(f"batch {b} {args.batch_runs}") for b in args.batches}
+        for key in [k for k in sides if k != "graph/spin"]:  # idle while the clients run
+            sides.pop(key).stop()
+        limit = max(b * 1e3 / ms for b, ms in batch_ms.items())
+        rates = {mode: {n: clients_rate(server.address, jpeg, explainer.stem, n, args.seconds)
+                        for n in args.clients} for mode, server in servers.items()}
+        info = {key: side.info for key, side in sides.items()}
+    finally:
+        for client in clients.values():
+            client.close()
+        for side in sides.values():
+            side.stop()
+        for server in servers.values():
+            server.stop()
+    latency = {key: summary(times[key]) for key in LABELS if key in times}
+    med = {key: v["median"] for key, v in latency.items()}
+    ratios = {
+        "graph/forward (spinning)": med["graph/spin"] / med["forward/spin"],
+        "graph/forward (spinning off)": med["graph/nospin"] / med["forward/nospin"],
+        "graph+cam/forward (spinning)": med["graph+cam/spin"] / med["forward/spin"],
+        "e2e/forward (batching)": med["e2e/batching"] / med["forward/spin"],
+        "e2e/forward (no-batching)": med["e2e/no-batching"] / med["forward/spin"],
+    }
+    for torch_side in ("grad-cam", "captum"):
+        if torch_side in med:
+            ratios[f"{torch_side}/e2e"] = med[torch_side] / med["e2e/batching"]
+    return {"arch": arch, "layer": card.layers[0].name, "explainer": str(explainer),
+            "latency_ms": latency, "ratios": ratios, "server_stages_ms": stages,
+            "sides": info,
+            "throughput": {"graph_batch_ms": batch_ms,
+                           "graph_images_per_s": {b: b * 1e3 / ms for b, ms in batch_ms.items()},
+                           "limit_images_per_s": limit, "explanations_per_s": rates},
+            "load_average": {"before": load_before, "rounds_start": load_rounds,
+                             "rounds_end": load_after_rounds, "end": os.getloadavg()}}
 
 
-def measure(s: Subject, settings: Settings, modes: dict[str, list[str]], jpeg: bytes,
-            scratch: Path, notes: list[str]) -> dict[str, Any]:
-    """Everything for one model: the latency rounds (the servers of every mode up at once,
-    idle unless called), then per server mode throughput, RSS and response sizes."""
-    with ExitStack() as stack:
-        servers = start_servers(s, settings, modes, scratch, stack, notes)
-        rss_warm = {mode: server.rss_mib() for mode, server in servers.items()}
-        endpoints = {mode: Endpoint(server.address) for mode, server in servers.items()}
-        for endpoint in endpoints.values():
-            stack.callback(endpoint.close)
-        calls = onnx_calls(s, settings.threads, settings.device)
-        for mode, endpoint in endpoints.items():
-            calls |= {f"{key}/{mode}": call for key, call in endpoint.calls(jpeg, s.arch).items()}
-        calls |= torch_calls(s, settings.device)
-        progress(f"{subject_name(s)}: timing {len(calls)} methods x {settings.runs} runs")
-        times = time_round_robin(calls, settings.runs, settings.warmup)
-        latency = {key: summary(samples) for key, samples in times.items()}
-        per_mode = {}
-        for mode, server in servers.items():
-            progress(f"{subject_name(s)}: throughput, server {mode}")
-            per_mode[mode] = {
-                "explanations_per_s": {n: throughput(server.address, jpeg, s.arch, n,
-                                                     settings.seconds)
-                                       for n in settings.clients},
-                "rss_mib_after_warmup": rss_warm[mode], "rss_mib_after_load": server.rss_mib(),
-                "c_min_stages_ms": stages_ms(endpoints[mode].timings, times[f"c_min/{mode}"]),
-                "response_bytes": endpoints[mode].response_bytes(jpeg, s.arch),
-                "goals": goals(latency, mode)}
-    return {"arch": s.arch, "precision": s.precision, "layer": s.layer,
-            "latency_ms": latency, "servers": per_mode}
-
-
-# --- the report ---------------------------------------------------------------------------
-GOALS = {  # name: (column title, met?)
-    "b/a": ("(b)/(a) ≤ 1.10", lambda v: v <= 1.10),
-    "c-b_ms": ("(c)−(b) ms ≤ 3", lambda v: v <= 3),
-    "c_min-b_ms": ("(c smallest)−(b) ms ≤ 3", lambda v: v <= 3),
-    "d/c": ("(d)/(c) ≥ 5", lambda v: v >= 5),
-    "e/c": ("(e)/(c) ≥ 5", lambda v: v >= 5),
-}
-
-
-def goals(latency_ms: dict[str, Any], mode: str) -> dict[str, float]:
-    """The goal ratios against server ``mode``; (c) is the SDK default. (e/c without (e):
-    NaN.)"""
-    ms = {k: v["median"] for k, v in latency_ms.items()}
-    c, c_min = ms[f"c_sdk/{mode}"], ms[f"c_min/{mode}"]
-    return {"b/a": ms["b"] / ms["a"], "c-b_ms": c - ms["b"], "c_min-b_ms": c_min - ms["b"],
-            "d/c": ms["d"] / c, "e/c": ms.get("e", float("nan")) / c}
-
-
-def fmt(value: float) -> str:
-    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.2f}"
-
-
-def mark(text: str, ok: bool) -> str:
-    return "–" if text == "nan" else f"{text} {'✓' if ok else '✗'}"
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
-    return [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(row) + " |" for row in rows), ""]
-
-
-def per_server(results: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(model, server mode, that server's numbers) for every server measured."""
-    return [(arch, mode, m) for arch, r in results.items() for mode, m in r["servers"].items()]
-
-
-def latency_table(results: dict[str, Any]) -> list[str]:
-    def label(key: str) -> str:
-        base, _, mode = key.partition("/")
-        return LABELS[base] + (f", server {mode}" if mode else "")
-
-    return table("Latency (ms; images/s = 1000 / median, one image per call)",
-                 ["model", "measurement", "median", "p10", "p90", "images/s"], [
-        [arch, label(key), fmt(v["median"]), fmt(v["p10"]), fmt(v["p90"]),
-         f"{1e3 / v['median']:.1f}"]
-        for arch, r in results.items() for key, v in r["latency_ms"].items()])
-
-
-def goals_table(results: dict[str, Any]) -> list[str]:
-    return table("Goals ((c) = SDK default)",
-                 ["model", "server", *(title for title, _ in GOALS.values())],
-                 [[arch, mode, *(mark(fmt(m["goals"][k]), met(m["goals"][k]))
-                                 for k, (_, met) in GOALS.items())]
-                  for arch, mode, m in per_server(results)])
-
-
-def stages_table(results: dict[str, Any]) -> list[str]:
-    rows = [[arch, mode, *(fmt(v) for v in m["c_min_stages_ms"].values())]
-            for arch, mode, m in per_server(results)]
-    return table("Where (c) goes (smallest response, ms; server stages from the response's "
-                 "timings, inference includes any wait in the batching queue)",
-                 ["model", "server", "decode", "preprocess", "inference", "postprocess",
-                  "rest: gRPC, protobuf, client"], rows)
-
-
-def throughput_table(results: dict[str, Any], settings: Settings) -> list[str]:
-    return table(f"Throughput over gRPC (explanations/s, SDK default, {settings.seconds:g} s "
-                 "per level) and server RSS",
-                 ["model", "server", *(f"{n} client{'s' * (n > 1)}" for n in settings.clients),
-                  "RSS MiB after warm-up", "RSS MiB after load"],
-                 [[arch, mode, *(f"{m['explanations_per_s'][n]:.1f}" for n in settings.clients),
-                   f"{m['rss_mib_after_warmup']:.0f}", f"{m['rss_mib_after_load']:.0f}"]
-                  for arch, mode, m in per_server(results)])
-
-
-def sizes_table(results: dict[str, Any]) -> list[str]:
-    def cell(name: str, size: int) -> str:
-        return mark(str(size), size < 1024) if name == "feature_map_float16" else str(size)
-
-    return table("Response size (bytes, serialized ExplainResponse, one target)",
-                 ["model", "server", "FEATURE_MAP float16 (< 1 KB)", "MODEL_INPUT float16",
-                  "MODEL_INPUT float32"],
-                 [[arch, mode, *(cell(k, b) for k, b in m["response_bytes"].items())]
-                  for arch, mode, m in per_server(results)])
-
-
-def report(machine: dict[str, Any], settings: Settings, results: dict[str, Any],
-           jpeg_bytes: int, notes: list[str]) -> str:
-    where = "CPU" if settings.device == "cpu" else f"{machine['gpu']} (CUDA)"
-    lines = ["# camserve vs grad-cam vs Captum: one Grad-CAM explanation", "",
-             f"{machine['cpu']}, {machine['cores']} cores; onnxruntime "
-             f"{machine['onnxruntime']}, torch {machine['torch']}, grad-cam "
-             f"{machine['grad-cam']}, captum {machine['captum']}; {settings.threads} threads "
-             f"(onnxruntime intra-op = torch). {where}, B=1, {SIZE}x{SIZE}, one target (the "
-             f"predicted class); median of {settings.runs} interleaved runs after "
-             f"{settings.warmup} warm-up rounds; request: samples/cat.jpg resized to "
-             f"{SIZE}x{SIZE}, JPEG quality {JPEG_QUALITY} ({jpeg_bytes} bytes).", ""]
-    lines += latency_table(results) + goals_table(results) + stages_table(results)
-    lines += throughput_table(results, settings) + sizes_table(results)
-    lines += [f"Note: {note}" for note in notes]
-    return "\n".join(lines).rstrip() + "\n"
-
-
+# --- the report -----------------------------------------------------------------------------
 def installed(name: str) -> str:
     try:
         return importlib.metadata.version(name)
@@ -536,71 +398,141 @@ def installed(name: str) -> str:
         return "not installed"
 
 
-def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
+def machine(threads: int) -> dict[str, Any]:
+    cpu = platform.machine()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    gpu = torch.cuda.get_device_name() if device == "cuda" else None
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": ort.__version__, "torch": torch.__version__,
-            "grad-cam": installed("grad-cam"), "captum": installed("captum"),
-            "grpcio": grpc.__version__, "threads": threads, "device": device, "gpu": gpu}
+            **{name: installed(name) for name in ("onnxruntime", "onnxruntime-gpu", "torch",
+                                                  "grad-cam", "captum", "grpcio", "numpy",
+                                                  "opencv-python-headless")},
+            "threads": threads,
+            "thread_env": {k: v for k, v in os.environ.items() if k.endswith("_NUM_THREADS")}}
 
 
-def parse_args() -> tuple[argparse.Namespace, Settings]:
+def report(info: dict[str, Any], args: argparse.Namespace, results: dict[str, Any]) -> str:
+    lines = ["# camserve vs the graph alone vs grad-cam and Captum: one Grad-CAM explanation",
+             "",
+             f"{info['cpu']}, {info['cores']} cores; onnxruntime "
+             f"{info['onnxruntime-gpu'] if info['onnxruntime'] == 'not installed' else info['onnxruntime']}, torch "
+             f"{info['torch']}, grad-cam {info['grad-cam']}, captum {info['captum']}, grpcio "
+             f"{info['grpcio']}. {args.threads} threads everywhere (onnxruntime intra-op = "
+             "torch = the server's --intra-op-threads); every side in its own process, no torch "
+             "in the onnxruntime ones; onnxruntime spinning as marked (the server: on, "
+             "onnxruntime's default). Same input everywhere: samples/cat.jpg (the e2e request) "
+             "and camserve's preprocessing of it (.npy) for the others. B=1, one target (the "
+             f"predicted class). Median and p10-p90 of {args.runs} interleaved rounds after "
+             f"{args.warmup} warm-up rounds, each call {args.pause_ms:g} ms after the previous.",
+             ""]
+    lines += ["| model | measurement | median ms | p10-p90 | load avg (1 min) |",
+              "|---|---|---|---|---|"]
+    for arch, r in results.items():
+        load = r["load_average"]
+        for key, v in r["latency_ms"].items():
+            lines.append(f"| {arch} | {LABELS[key]} | {v['median']:.2f} | {v['p10']:.2f}-"
+                         f"{v['p90']:.2f} | {load['rounds_start'][0]:.2f} -> "
+                         f"{load['rounds_end'][0]:.2f} |")
+    lines += ["", "| model | graph/forward ≤ 1.03 | graph/forward, spinning off | "
+              "e2e/forward (target) | e2e/forward, no batching | grad-cam/e2e | captum/e2e |",
+              "|---|---|---|---|---|---|---|"]
+    for arch, r in results.items():
+        q = r["ratios"]
+        e2e_target = E2E_TARGET.get(arch)
+        ok = (lambda v, t: f"{v:.2f} {'✓' if v <= t else '✗'}")
+        lines.append(
+            f"| {arch} | {ok(q['graph/forward (spinning)'], GRAPH_TARGET)} | "
+            f"{q['graph/forward (spinning off)']:.2f} | "
+            + (ok(q['e2e/forward (batching)'], e2e_target) + f" (≤ {e2e_target:g})"
+               if e2e_target else f"{q['e2e/forward (batching)']:.2f}")
+            + f" | {q['e2e/forward (no-batching)']:.2f} | "
+            f"{q.get('grad-cam/e2e', float('nan')):.1f} | {q.get('captum/e2e', float('nan')):.1f} |")
+    lines += ["", "Server stages (ms, medians of separate SDK-default calls, from the response's "
+              "timings; inference includes any wait in the batching queue):", "",
+              "| model | server | decode | preprocess | inference | postprocess |",
+              "|---|---|---|---|---|---|"]
+    for arch, r in results.items():
+        for mode, s in r["server_stages_ms"].items():
+            lines.append(f"| {arch} | {mode} | " + " | ".join(f"{s[k]:.2f}" for k in STAGES)
+                         + " |")
+    lines += ["", f"Throughput: the limit is the explainer graph's best in-process rate over "
+              f"batch sizes {', '.join(map(str, args.batches))} (spinning, median of "
+              f"{args.batch_runs} runs each); clients: explanations/s over gRPC, SDK default, "
+              f"{args.seconds:g} s per level, and the fraction of the limit.", "",
+              "| model | graph images/s by batch | limit | server | "
+              + " | ".join(f"{n} client{'s' * (n > 1)}" for n in args.clients) + " |",
+              "|---|---|---|---|" + "---|" * len(args.clients)]
+    for arch, r in results.items():
+        t = r["throughput"]
+        by_batch = ", ".join(f"B={b}: {v:.1f}" for b, v in t["graph_images_per_s"].items())
+        for mode, rates in t["explanations_per_s"].items():
+            lines.append(f"| {arch} | {by_batch} | {t['limit_images_per_s']:.1f} | {mode} | "
+                         + " | ".join(f"{rates[n]:.1f} ({rates[n] / t['limit_images_per_s']:.0%})"
+                                      for n in args.clients) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet50", "efficientnet_lite0"])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="onnxruntime's provider, the servers' --device and torch's device")
-    parser.add_argument("--precision", nargs="+", choices=contract.PRECISIONS,
-                        default=[contract.FLOAT32],
-                        help="export each model in these precisions (one row each)")
+    parser.add_argument("--models", nargs="+", help="default: efficientnet_lite0 resnet50 "
+                        "(--quick: efficientnet_lite0)")
     parser.add_argument("--threads", type=int, default=2,
-                        help="onnxruntime intra-op threads (bench and server) = torch threads")
+                        help="onnxruntime intra-op threads (sides and servers) = torch threads")
     parser.add_argument("--runs", type=int, help="timed rounds (default 30, --quick 5)")
-    parser.add_argument("--warmup", type=int, help="warm-up rounds (default 5, --quick 1)")
+    parser.add_argument("--warmup", type=int, help="warm-up rounds (default 3, --quick 1)")
+    parser.add_argument("--pause-ms", type=float, default=20.0,
+                        help="idle time before each timed call")
     parser.add_argument("--seconds", type=float,
                         help="duration of each throughput level (default 5, --quick 1)")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16],
-                        help="concurrent client threads per throughput level")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--batches", type=int, nargs="+",
+                        help="graph batch sizes for the limit (default 1 2 4 8 16, --quick 1 4)")
+    parser.add_argument("--batch-runs", type=int, help="runs per batch size (default 10, "
+                        "--quick 3)")
+    parser.add_argument("--no-torch", action="store_true", help="leave out grad-cam and Captum")
     parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    # the worker processes
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", nargs=2, help=argparse.SUPPRESS)
+    for name in ("--tensor", "--model", "--arch", "--layer", "--weights"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    parser.add_argument("--spinning", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     quick = args.quick
-    settings = Settings(
-        device=args.device, threads=args.threads, runs=args.runs or (5 if quick else 30),
-        warmup=args.warmup if args.warmup is not None else (1 if quick else 5),
-        seconds=args.seconds or (1.0 if quick else 5.0), clients=tuple(args.clients))
-    return args, settings
+    args.models = args.models or (["efficientnet_lite0"] if quick
+                                  else ["efficientnet_lite0", "resnet50"])
+    args.runs = args.runs or (5 if quick else 30)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
+    args.seconds = args.seconds or (1.0 if quick else 5.0)
+    args.batches = args.batches or ([1, 4] if quick else [1, 2, 4, 8, 16])
+    args.batch_runs = args.batch_runs or (3 if quick else 10)
+    return args
 
 
 def main() -> None:
-    args, settings = parse_args()
-    torch.set_num_threads(settings.threads)
-    modes, notes = server_modes()
-    machine = machine_info(settings.threads, settings.device)
-    if installed("captum") == "not installed":
-        notes.append("Captum is not installed: no (e)")
-    jpeg = sample_jpeg()
+    args = parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.prepare:
+        prepare(args)
+        return
+    info = machine(args.threads)
     results = {}
     with tempfile.TemporaryDirectory(prefix="camserve-bench-") as folder:
-        scratch = Path(folder)
         for arch in args.models:
-            for precision in args.precision:
-                progress(f"{arch}: exporting ({precision})")
-                subject = prepare(arch, scratch, jpeg, precision)
-                results[subject_name(subject)] = measure(subject, settings, modes, jpeg,
-                                                         scratch, notes)
-    text = report(machine, settings, results, len(jpeg), notes)
+            results[arch] = measure(arch, args, Path(folder))
+    assert "torch" not in sys.modules  # the client side too
+    text = report(info, args, results)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.md").write_text(text)
     (args.out / "bench.json").write_text(json.dumps(
-        {"machine": machine, "settings": asdict(settings), "request_jpeg_bytes": len(jpeg),
-         "server_modes": modes,
-         "notes": notes, "models": results}, indent=1))
+        {"machine": info, "settings": {k: (str(v) if isinstance(v, Path) else v)
+                                       for k, v in vars(args).items()},
+         "models": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ Its metadata is that of the saliency companion with kind ``"head"``.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -100,14 +101,20 @@ FLOAT32 = "float32"
 FLOAT16 = "float16"
 PRECISIONS = (FLOAT32, FLOAT16)
 
+INTERPOLATIONS = ("bilinear", "bicubic")  # ``Preprocessing.interpolation``
+GRAYSCALE_MODES = ("replicate",)  # ``Preprocessing.grayscale``
+
 
 @dataclass(frozen=True)
 class Preprocessing:
     """How a photo becomes the ``image`` input.
 
-    RGB uint8 photo -> resize (shorter side to ``resize``, bilinear) -> center crop to
-    ``crop`` = (height, width) -> x * ``scale`` -> (x - mean) / std per channel -> [1,3,H,W].
-    Grayscale photos are replicated to three channels (``grayscale="replicate"``).
+    RGB uint8 photo -> resize (shorter side to ``resize``, ``interpolation`` bilinear or
+    bicubic, antialiased as PIL) -> center crop to ``crop`` = (height, width) -> x * ``scale``
+    -> (x - mean) / std per channel -> [1,3,H,W]. Grayscale photos are replicated to three
+    channels (``grayscale="replicate"``). ``camserve export`` sets every field from its
+    flags (``--resize``, ``--crop``, ``--mean``, ``--std``, ``--scale``, ``--interpolation``,
+    ``--grayscale``) and checks them with ``check``.
     """
 
     resize: int
@@ -118,6 +125,36 @@ class Preprocessing:
     channel_order: str = "RGB"
     interpolation: str = "bilinear"
     grayscale: str = "replicate"
+
+    def check(self) -> Preprocessing:
+        """``self``, or a ContractError naming the first field that no server can apply."""
+        def finite(values) -> bool:
+            return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+        if not isinstance(self.resize, int) or self.resize < 1:
+            raise ContractError(f"resize must be a positive integer, not {self.resize!r}")
+        if (len(self.crop) != 2 or not all(isinstance(v, int) and v >= 1 for v in self.crop)):
+            raise ContractError(f"crop must be two positive integers (height, width), not "
+                                f"{self.crop!r}")
+        if min(self.crop) > self.resize:
+            raise ContractError(f"crop {self.crop[0]}x{self.crop[1]} is larger than the resize "
+                                f"{self.resize} (the shorter side before cropping)")
+        if len(self.mean) != 3 or not finite(self.mean):
+            raise ContractError(f"mean must be three finite numbers (R,G,B), not {self.mean!r}")
+        if len(self.std) != 3 or not finite(self.std) or min(self.std) <= 0:
+            raise ContractError(f"std must be three positive numbers (R,G,B), not {self.std!r}")
+        if not finite([self.scale]) or self.scale <= 0:
+            raise ContractError(f"scale must be a positive number, not {self.scale!r}")
+        if self.channel_order != "RGB":
+            raise ContractError(f"channel_order {self.channel_order!r} is not supported "
+                                "(this camserve feeds RGB)")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ContractError(f"interpolation {self.interpolation!r} is not supported; "
+                                f"choose one of: {', '.join(INTERPOLATIONS)}")
+        if self.grayscale not in GRAYSCALE_MODES:
+            raise ContractError(f"grayscale {self.grayscale!r} is not supported; choose one "
+                                f"of: {', '.join(GRAYSCALE_MODES)}")
+        return self
 
     @classmethod
     def imagenet(cls, size: int) -> "Preprocessing":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from camserve.errors import CamserveError
@@ -32,14 +33,26 @@ def add_parser(subparsers) -> None:
                    help="map level for masks, contours and boxes")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    video = p.add_argument_group(
+        "videos", "a video (by suffix, or a file OpenCV opens as one) becomes CLIP_overlay.mp4 "
+                  "and CLIP.jsonl (one line per frame)")
+    video.add_argument("--realtime", action="store_true",
+                       help="offer the frames at the clip's fps; the server explains the "
+                            "newest and skips frames it cannot keep up with")
+    video.add_argument("--smooth", type=float, default=0.0, metavar="ALPHA",
+                       help="temporal smoothing: EMA weight of each new map, in (0, 1]")
+    video.add_argument("--in-flight", type=int, default=4, metavar="N",
+                       help="frames sent ahead of their answers (default 4)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import cv2
     import grpc
 
     from camserve.client import ExplainOptions, fuse, load_image
     from camserve.client.render import panel
+    from camserve.client.video import is_video
     from camserve.errors import RemoteError
 
     for image in args.images:
@@ -51,9 +64,19 @@ def run(args: argparse.Namespace) -> int:
     options = ExplainOptions(model=args.model, targets=args.targets, top_k=args.top_k,
                              **({"method": args.method} if args.method else {}))
     args.out.mkdir(parents=True, exist_ok=True)
-    stems = _unique_stems(args.images)
+    # libav's and OpenCV's own messages ("moov atom not found") would print beside our
+    # one-line error
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # before OpenCV opens a video
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    videos = [path for path in args.images if is_video(path)]
+    if videos and args.triton:
+        raise CamserveError("--triton explains photos; videos need a camserve server")
+    photos = [path for path in args.images if path not in videos]
+    stems = _unique_stems(photos)
     with _connect(args) as client:
-        for image_path, image_stem in zip(args.images, stems):
+        for clip in videos:
+            _explain_clip(client, clip, options, args)
+        for image_path, image_stem in zip(photos, stems):
             photo = load_image(image_path)
             try:
                 found = client.explain(image_path, options=options)
@@ -83,6 +106,28 @@ def run(args: argparse.Namespace) -> int:
             (args.out / f"{image_stem}.json").write_text(
                 json.dumps({"image": image_path.name, "explanations": records}, indent=1))
     return 0
+
+
+def _explain_clip(client, clip: Path, options, args: argparse.Namespace) -> None:
+    """One video -> OUT/CLIP_overlay.mp4 and OUT/CLIP.jsonl; prints the frame rate."""
+    import grpc
+
+    from camserve.client.options import StreamOptions
+    from camserve.client.video import write_explained_clip
+    from camserve.errors import RemoteError
+
+    stream = StreamOptions(temporal_smoothing=args.smooth)
+    try:
+        report = write_explained_clip(client, clip, args.out, options=options, stream=stream,
+                                      in_flight=args.in_flight, realtime=args.realtime,
+                                      threshold=args.threshold)
+    except grpc.RpcError as exc:
+        raise CamserveError(f"{clip.name}: {exc.code().name}: {exc.details()}") from None
+    except RemoteError as exc:  # a refused frame
+        raise CamserveError(f"{clip.name}: frame {exc.request_id}: {exc}") from None
+    print(f"{clip.name}: {report.frames} frames ({report.explained} explained, "
+          f"{report.skipped} skipped) in {report.seconds:.1f} s = "
+          f"{report.frames_per_second:.1f} frames/s -> {report.overlay}, {report.jsonl}")
 
 
 def _connect(args: argparse.Namespace):

@@ -1,5 +1,8 @@
 """``Explanation``: one target's map, mapped onto the photo, and what to draw or measure.
 
+Masks, contours, boxes and regions come from ``camserve.explain.regions``, the code the
+server runs for ``OutputOptions.regions``: on the same response both find the same regions.
+
 Channel order: every image that goes in or comes out of this module is RGB uint8 [H,W,3].
 (OpenCV's colormaps produce BGR; we convert.)
 """
@@ -13,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from camserve.errors import CallerError
 from camserve.explain.geometry import Geometry, resize_map, to_original
 from camserve.explain.methods import DEFAULT_METHOD
+from camserve.explain.regions import DEFAULT_THRESHOLD, Region, find_regions, threshold_mask
 
 if TYPE_CHECKING:  # typing only: the pipeline module is not needed to draw a map
     from camserve.explain.pipeline import Explained, Target
@@ -22,6 +27,8 @@ if TYPE_CHECKING:  # typing only: the pipeline module is not needed to draw a ma
 _COLORMAPS = {"jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO,
               "inferno": cv2.COLORMAP_INFERNO, "viridis": cv2.COLORMAP_VIRIDIS,
               "hot": cv2.COLORMAP_HOT}
+_NO_MAP = ("the response had no map (space \"none\" sends regions only): ask for space "
+           "\"model_input\" to draw or measure the map")
 
 
 @dataclass(frozen=True)
@@ -30,20 +37,26 @@ class Explanation:
 
     ``cam_input`` is float32 [H,W] in [0,1] at the model's input size; ``cam`` is the same
     map on the original photo's pixel grid [H0,W0] (zero where the center crop cut the photo).
+    A response with space "none" (CamSpace NO_MAP) has no map: ``cam_input`` is None and
+    everything drawn or measured from the map raises a CallerError. ``server_regions`` are
+    the regions the server computed (``regions=True``), in photo pixels, largest peak first.
     """
 
     class_index: int
     label: str
     logit: float
     probability: float
-    cam_input: np.ndarray
+    cam_input: np.ndarray | None
     geometry: Geometry
     request_id: str = ""
     model: str = ""
     method: str = DEFAULT_METHOD
+    server_regions: tuple[Region, ...] = ()
 
     @property
     def cam(self) -> np.ndarray:
+        if self.cam_input is None:
+            raise CallerError(_NO_MAP)
         return to_original(self.cam_input, self.geometry)
 
     def heatmap(self, colormap: str = "jet") -> np.ndarray:
@@ -66,27 +79,40 @@ class Explanation:
                              f"photo was {self.geometry.original[1]}x{self.geometry.original[0]}")
         return cv2.addWeighted(image, 1.0 - alpha, self.heatmap(colormap), alpha, 0.0)
 
-    def mask(self, threshold: float = 0.6) -> np.ndarray:
+    def mask(self, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
         """bool [H0,W0]: where the map is at least ``threshold``."""
-        return self.cam >= threshold
+        return threshold_mask(self.cam, threshold)
 
-    def contours(self, threshold: float = 0.6) -> list[np.ndarray]:
-        """Outlines of the thresholded regions: int32 [N,2] (x, y) in photo pixels."""
-        return contours_of(self.mask(threshold))
+    def regions(self, threshold: float = DEFAULT_THRESHOLD, max_regions: int | None = None,
+                min_area: float = 0.0) -> list[Region]:
+        """The map's regions at ``threshold`` in photo pixels, largest peak first: what the
+        server sends for ``regions=True`` with the same options (``find_regions``)."""
+        return find_regions(self.cam, threshold, max_regions, min_area)
 
-    def boxes(self, threshold: float = 0.6) -> list[tuple[int, int, int, int]]:
-        """(x0, y0, x1, y1) per thresholded region, x1/y1 exclusive, in photo pixels."""
-        return boxes_of(self.mask(threshold))
+    def contours(self, threshold: float = DEFAULT_THRESHOLD) -> list[np.ndarray]:
+        """Outlines of the thresholded regions: int32 [N,2] (x, y) in photo pixels, largest
+        peak first."""
+        return [r.polygon for r in self.regions(threshold)]
 
-    def to_dict(self, threshold: float = 0.6) -> dict[str, Any]:
-        """JSON-safe summary: class, scores, and the regions at ``threshold``."""
+    def boxes(self, threshold: float = DEFAULT_THRESHOLD) -> list[tuple[int, int, int, int]]:
+        """(x0, y0, x1, y1) per thresholded region, x1/y1 exclusive, in photo pixels, largest
+        peak first (the bounding boxes of ``contours``)."""
+        return [r.box for r in self.regions(threshold)]
+
+    def to_dict(self, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+        """JSON-safe summary: class, scores, and the regions at ``threshold`` (without a map:
+        the server's regions, and ``threshold`` None)."""
+        if self.cam_input is None:
+            regions, threshold = list(self.server_regions), None
+        else:
+            regions = self.regions(threshold)
         return {
             "class_index": int(self.class_index), "label": self.label,
             "logit": float(self.logit), "probability": float(self.probability),
             "model": self.model, "method": self.method, "request_id": self.request_id,
             "threshold": threshold,
-            "boxes": [list(b) for b in self.boxes(threshold)],
-            "contours": [c.tolist() for c in self.contours(threshold)],
+            "boxes": [list(r.box) for r in regions],
+            "contours": [r.polygon.tolist() for r in regions],
             "image_size": [self.geometry.original[1], self.geometry.original[0]],
         }
 
@@ -101,31 +127,17 @@ def explanations_from(explained: Explained, request_id: str = "") -> list[Explan
 def from_targets(targets: Iterable[Target], geometry: Geometry, *, model: str, method: str,
                  request_id: str = "") -> list[Explanation]:
     """One Explanation per target, its ``cam`` float32 [h,w] in [0, 1] (unless raw) at the
-    model's input size [H,W] or on a layer's grid, which is upsampled to the crop here.
+    model's input size [H,W] or on a layer's grid, which is upsampled to the crop here (None,
+    for CamSpace NO_MAP, stays None); the target's regions become ``server_regions``.
 
     The one place an Explanation is built from an answer: ``explanations`` (a gRPC response)
     and ``explanations_from`` (a pipeline result) both end here, so they cannot drift apart.
     """
     x0, y0, x1, y1 = geometry.crop
     return [Explanation(t.class_index, t.label, t.logit, t.probability,
-                        resize_map(t.cam, y1 - y0, x1 - x0), geometry, request_id, model, method)
+                        None if t.cam is None else resize_map(t.cam, y1 - y0, x1 - x0),
+                        geometry, request_id, model, method, tuple(t.regions))
             for t in targets]
-
-
-def contours_of(mask: np.ndarray) -> list[np.ndarray]:
-    """External contours of a bool mask, int32 [N,2] (x, y), largest area first."""
-    found, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
-                                cv2.CHAIN_APPROX_SIMPLE)
-    found = sorted(found, key=cv2.contourArea, reverse=True)
-    return [c.reshape(-1, 2).astype(np.int32) for c in found]
-
-
-def boxes_of(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """Bounding boxes (x0, y0, x1, y1), exclusive ends, of a mask's connected regions."""
-    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    order = sorted(range(1, count), key=lambda i: -stats[i, cv2.CC_STAT_AREA])
-    return [(int(stats[i, 0]), int(stats[i, 1]), int(stats[i, 0] + stats[i, 2]),
-             int(stats[i, 1] + stats[i, 3])) for i in order]
 
 
 def fuse(explanations: Sequence[Explanation], how: str = "max") -> Explanation:
@@ -138,6 +150,8 @@ def fuse(explanations: Sequence[Explanation], how: str = "max") -> Explanation:
     geometry = explanations[0].geometry
     if any(e.geometry != geometry for e in explanations):
         raise ValueError("fuse needs explanations of the same image")
+    if any(e.cam_input is None for e in explanations):
+        raise CallerError(_NO_MAP)
     maps = np.stack([e.cam_input for e in explanations])
     if how == "max":
         fused = maps.max(axis=0)

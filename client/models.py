@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from camserve.contract import Preprocessing
+from camserve.explain.frames import LAYOUTS
 from camserve.v1 import explainer_pb2 as pb
 
 
@@ -24,7 +25,9 @@ class ModelInfo:
     """A served model: ``input_shape`` is [1,3,H,W]; ``methods`` are the CAM methods it
     answers (``ExplainOptions.method``); ``layers`` the ones it can explain
     (``ExplainOptions.layers``); ``execution_provider`` where it runs (e.g.
-    "CUDAExecutionProvider"); ``version`` the model file's version."""
+    "CUDAExecutionProvider"); ``version`` the model file's version; ``pixel_formats`` the
+    raw frame formats the server decodes ("rgb8", "bgr8", "nv12"...: ``Frame``, or
+    ``ExplainOptions.pixel_format``; empty from a server older than them)."""
 
     name: str
     version: str
@@ -37,6 +40,7 @@ class ModelInfo:
     contract_version: int
     execution_provider: str
     camserve_version: str
+    pixel_formats: tuple[str, ...] = ()
 
 
 def model_info(message: pb.ModelInfo) -> ModelInfo:
@@ -57,7 +61,15 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
         layers=tuple(LayerInfo(layer.name, tuple(layer.shape)) for layer in message.layers),
         methods=tuple(message.methods), contract_version=message.contract_version,
         execution_provider=message.execution_provider,
-        camserve_version=message.camserve_version)
+        camserve_version=message.camserve_version,
+        pixel_formats=tuple(_format_name(value) for value in message.pixel_formats))
+
+
+def _format_name(value: int) -> str:
+    """The SDK's name of a pb.PixelFormat value ("nv12"); one this SDK does not know (a
+    newer server's) keeps its number."""
+    known = LAYOUTS.get(value)
+    return known.name if known is not None else str(value)
 
 
 def _float(value: float) -> float:

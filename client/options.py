@@ -19,15 +19,21 @@ from typing import Any
 import numpy as np
 
 from camserve import tensors
+from camserve.client.frames import Frame
+from camserve.contract import Preprocessing
 from camserve.errors import CallerError
+from camserve.explain.frames import layout_of
+from camserve.explain.geometry import Geometry
+from camserve.explain.image import Decoded, declared_size, decode_for, resample
 from camserve.explain.methods import DEFAULT_METHOD, FUSIONS
+from camserve.explain.regions import DEFAULT_MAX_REGIONS, DEFAULT_THRESHOLD
 from camserve.explain.smoothing import NOISE_SIGMA
 from camserve.v1 import explainer_pb2 as pb
 
 # The SDK's names for the proto's enums.
 _FUSIONS = {name: pb.LayerFusion.Value(name.upper()) for name in FUSIONS}
 _BASELINES = {"black": pb.IntegratedGradients.BLACK, "zero": pb.IntegratedGradients.ZERO}
-_SPACES = {"model_input": pb.MODEL_INPUT, "feature_map": pb.FEATURE_MAP}
+_SPACES = {"model_input": pb.MODEL_INPUT, "feature_map": pb.FEATURE_MAP, "none": pb.NO_MAP}
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,17 @@ class ExplainOptions:
     ReLU'd maps unscaled (sent as float32; normalised maps travel as float16).
     ``ig_steps`` (0: the core's ``attributions.IG_STEPS``) and ``ig_baseline`` ("black",
     "zero") tune "integrated_gradients". ``space="feature_map"`` has the server send maps on
-    the layer's grid [h,w] instead of the model input [H,W]. ``request_id`` is echoed back.
+    the layer's grid [h,w] instead of the model input [H,W]; ``space="none"`` sends no map
+    at all (with ``regions``: a few hundred bytes). ``request_id`` is echoed back.
+    ``regions=True`` has the server find each map's regions (``Explanation.server_regions``,
+    as ``Explanation.regions`` finds them): at ``region_threshold`` in (0, 1], at most
+    ``max_regions`` per target (largest peak first), none smaller than ``min_area`` photo
+    pixels (``camserve.explain.regions``: a single pixel has area 0).
+    ``pixel_format`` ("bgr8", "nv12"...; None: "rgb8") says how an image array holds its
+    pixels; it is sent as they are, in that format (``camserve.client.Frame``).
+    ``resize_on_client`` (``Client.explain`` only): an image larger than the model needs is
+    resized here as the server would (``client_resized``) and sent as a small RGB8 frame;
+    the Explanations still describe the caller's full-size image.
     """
 
     model: str = ""
@@ -61,6 +77,12 @@ class ExplainOptions:
     ig_baseline: str = "black"
     request_id: str = ""
     space: str = "model_input"
+    pixel_format: str | None = None  # of an image array; None: rgb8
+    regions: bool = False
+    region_threshold: float = DEFAULT_THRESHOLD
+    max_regions: int = DEFAULT_MAX_REGIONS  # the server's limit: 256
+    min_area: float = 0.0
+    resize_on_client: bool = False  # Client.explain reads the model's preprocessing
 
     def __post_init__(self) -> None:
         # Tuples, so that a frozen options object really is immutable (and numpy arrays of
@@ -71,11 +93,19 @@ class ExplainOptions:
         _choose("fusion", self.fusion, _FUSIONS)
         _choose("ig_baseline", self.ig_baseline, _BASELINES)
         _choose("space", self.space, _SPACES)
+        if self.pixel_format is not None:
+            object.__setattr__(self, "pixel_format",
+                               layout_of(self.pixel_format, "pixel_format").name)
         # unsigned on the wire: protobuf would refuse them with a less helpful message
-        for name in ("top_k", "noise_samples", "seed", "ig_steps"):
+        for name in ("top_k", "noise_samples", "seed", "ig_steps", "max_regions"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise CallerError(f"{name} must be >= 0, got {value}")
+        if not 0 < self.region_threshold <= 1:  # NaN too
+            raise CallerError(f"region_threshold is a map level in (0, 1], got "
+                              f"{self.region_threshold}")
+        if not 0 <= self.min_area < float("inf"):
+            raise CallerError(f"min_area is a number of photo pixels >= 0, got {self.min_area}")
 
     @classmethod
     def merged(cls, options: ExplainOptions | None,
@@ -88,10 +118,16 @@ class ExplainOptions:
 
     def to_request(self, image: Any = None, tensor: np.ndarray | None = None
                    ) -> pb.ExplainRequest:
-        """The ExplainRequest for ``image`` (a file path, encoded JPEG/PNG/WebP/BMP bytes, or
-        an RGB uint8 [H,W,3] array) or ``tensor`` (preprocessed float32 [1,3,H,W])."""
+        """The ExplainRequest for ``image`` (a file path, encoded JPEG/PNG/WebP/BMP bytes, a
+        ``Frame``, a ROS 2 sensor_msgs/Image or its dict, or a uint8 array in
+        ``pixel_format``, RGB [H,W,3] by default) or ``tensor`` (preprocessed float32
+        [1,3,H,W])."""
         if (image is None) == (tensor is None):
             raise CallerError("give exactly one of image= or tensor=")
+        if self.resize_on_client and image is not None:
+            raise CallerError("resize_on_client needs the model's preprocessing, which "
+                              "Client.explain reads from the server; here the image would "
+                              "be sent as it is (resize it with client_resized first)")
         request = pb.ExplainRequest(
             model=self.model, request_id=self.request_id, classes=list(self.targets),
             top_k=self.top_k if self.top_k is not None else (0 if self.targets else 1),
@@ -104,8 +140,46 @@ class ExplainOptions:
             raw_maps=not self.normalize,
             integrated_gradients=pb.IntegratedGradients(
                 steps=self.ig_steps, baseline=_BASELINES[self.ig_baseline]))
-        _set_image(request, image, tensor)
+        if self.regions:
+            request.output.regions.CopyFrom(pb.RegionOptions(
+                enabled=True, threshold=self.region_threshold, max_regions=self.max_regions,
+                min_area=self.min_area))
+        _set_image(request, image, tensor, self.pixel_format)
         return request
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Real-time semantics of ``Client.explain_stream`` (the proto's ``StreamOptions``).
+
+    ``latest_frame_wins``: the server explains the newest frame; frames replaced before they
+    ran come back skipped. ``frame_deadline_ms``: a frame not started within this many ms of
+    its arrival comes back skipped (0: none). ``temporal_smoothing``: EMA weight of the new
+    map in (0, 1] (0: off); ``scene_change_correlation`` restarts a class's average when its
+    new map correlates less than this with it (0: the server's 0.5; -1: never).
+    """
+
+    latest_frame_wins: bool = False
+    frame_deadline_ms: int = 0
+    temporal_smoothing: float = 0.0
+    scene_change_correlation: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.frame_deadline_ms < 0:
+            raise CallerError(f"frame_deadline_ms must be >= 0, got {self.frame_deadline_ms}")
+        if not 0 <= self.temporal_smoothing <= 1:
+            raise CallerError("temporal_smoothing must be in (0, 1] (0: off), got "
+                              f"{self.temporal_smoothing}")
+        if not -1 <= self.scene_change_correlation <= 1:
+            raise CallerError("scene_change_correlation must be in [-1, 1], got "
+                              f"{self.scene_change_correlation}")
+
+    def to_proto(self, reset: bool = False) -> pb.StreamOptions:
+        return pb.StreamOptions(latest_frame_wins=self.latest_frame_wins,
+                                frame_deadline_ms=self.frame_deadline_ms,
+                                temporal_smoothing=self.temporal_smoothing,
+                                scene_change_correlation=self.scene_change_correlation,
+                                reset=reset)
 
 
 def _choose(option: str, value: str, allowed: Mapping[str, Any]) -> None:
@@ -113,18 +187,73 @@ def _choose(option: str, value: str, allowed: Mapping[str, Any]) -> None:
         raise CallerError(f"unknown {option} {value!r}; choose one of: {', '.join(allowed)}")
 
 
-def _set_image(request: pb.ExplainRequest, image: Any, tensor: np.ndarray | None) -> None:
-    """Fill the request's ``image`` oneof: tensor, encoded file bytes or raw RGB pixels."""
+def _set_image(request: pb.ExplainRequest, image: Any, tensor: np.ndarray | None,
+               pixel_format: str | None = None) -> None:
+    """Fill the request's ``image`` oneof: tensor, encoded file bytes or a raw frame (a
+    ``Frame``, a ROS 2 image, or an array in ``pixel_format``, sent without conversion)."""
     if tensor is not None:
         request.tensor.CopyFrom(tensors.to_proto(np.asarray(tensor, np.float32)))
-    elif isinstance(image, (bytes, bytearray, memoryview)):
-        request.encoded = bytes(image)
-    elif isinstance(image, (str, os.PathLike)):
-        request.encoded = Path(image).read_bytes()
+    elif isinstance(image, (bytes, bytearray, memoryview, str, os.PathLike)):
+        if pixel_format is not None:
+            raise CallerError("pixel_format is for image arrays; raw frame bytes need a "
+                              "Frame(data, height, width, pixel_format)")
+        request.encoded = (Path(image).read_bytes() if isinstance(image, (str, os.PathLike))
+                           else bytes(image))
+    elif isinstance(image, (Frame, Mapping)) or hasattr(image, "encoding"):
+        frame = image if isinstance(image, Frame) else Frame.from_ros(image)
+        if pixel_format not in (None, frame.pixel_format):
+            raise CallerError(f"pixel_format {pixel_format!r} contradicts the frame's own "
+                              f"{frame.pixel_format!r}")
+        request.pixels.CopyFrom(frame.to_proto())
     else:
-        array = np.ascontiguousarray(image)
-        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-            raise CallerError("an image array must be RGB uint8 [H,W,3], got "
-                              f"{array.dtype} {list(array.shape)}")
-        request.pixels.CopyFrom(pb.RawImage(height=array.shape[0], width=array.shape[1],
-                                            pixels=array.tobytes()))
+        request.pixels.CopyFrom(Frame.from_array(image, pixel_format or "rgb8").to_proto())
+
+
+def client_resized(image: Any, spec: Preprocessing, pixel_format: str | None = None
+                   ) -> tuple[Frame, tuple[int, int]] | None:
+    """``image`` (as ``to_request`` takes it) resized for a model that preprocesses with
+    ``spec``: an RGB8 ``Frame`` whose shorter side is ``spec.resize`` (``Geometry.for_image``'s
+    resized size, resampled with the server's antialiased filter:
+    ``camserve.explain.image.resample``), and the caller's (height, width). None when it
+    would not shrink (never upscales: send the image as it is).
+
+    Encoded files are decoded here first (a large JPEG at a reduced size, as the server
+    would: ``decode_for``), other frames converted to RGB (``Frame.to_rgb``). The server
+    resamples the sent frame at scale 1 (the identity), so the model input is one-step
+    preprocessing's within uint8 rounding, and a response's geometry becomes the caller's
+    by putting the caller's size in ``Geometry.original``.
+    """
+    if spec.resize <= 0:  # an older server that does not say
+        return None
+    photo: np.ndarray | Decoded | None = None
+    frame: Frame | None = None
+    if isinstance(image, (bytes, bytearray, memoryview, str, os.PathLike)):
+        if pixel_format is not None:
+            return None  # to_request says why not
+        data = (Path(image).read_bytes() if isinstance(image, (str, os.PathLike))
+                else bytes(image))
+        header = declared_size(data)  # min(h, w) does not depend on an EXIF rotation
+        if header is None or min(header[1:]) <= spec.resize:
+            return None  # the server says what is wrong with it, or it is small already
+        photo = decode_for(data, spec.resize)
+        size = photo.original
+    elif isinstance(image, (Frame, Mapping)) or hasattr(image, "encoding"):
+        frame = image if isinstance(image, Frame) else Frame.from_ros(image)
+        if pixel_format not in (None, frame.pixel_format):
+            return None  # to_request says why not
+        size = (frame.height, frame.width)
+    else:
+        array = np.asarray(image)
+        if (pixel_format in (None, "rgb8") and array.ndim == 3 and array.shape[2] == 3
+                and array.dtype == np.uint8):
+            photo, size = array, array.shape[:2]  # RGB as it is: no copy
+        else:  # checked and converted as the server would
+            frame = Frame.from_array(array, pixel_format or "rgb8")
+            size = (frame.height, frame.width)
+    if min(size) <= spec.resize:
+        return None
+    target = Geometry.for_image(*size, spec.resize, spec.crop).resized
+    if Geometry.for_image(*target, spec.resize, spec.crop).resized != target:
+        return None  # resize < crop: the server would resample the sent frame again
+    small = resample(frame.to_rgb() if photo is None else photo, *target, spec.interpolation)
+    return Frame(small.tobytes(), *target), (int(size[0]), int(size[1]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnx_ad import UnsupportedOperator
 
 import camserve
 from camserve import contract
@@ -18,7 +20,7 @@ from camserve.contract import Layer, ModelCard, Preprocessing
 from camserve.errors import OperatorError
 from camserve.export import layers
 from camserve.export import precision as fp16
-from camserve.export.common import OPSET
+from camserve.export.common import OPSET, GraphBuildError
 from camserve.export.graph import (
     LayerTensors,
     build_explainer,
@@ -52,6 +54,7 @@ def export_explainer(
     architecture: str = "custom",
     input_gradients: bool = False,
     precision: str = contract.FLOAT32,
+    output: str | int | None = None,
 ) -> ExportResult:
     """Write ``path``: the explainer graph of ``model`` with its metadata.
 
@@ -73,6 +76,13 @@ def export_explainer(
     ``precision="float16"`` writes every file with float16 weights and arithmetic, its
     inputs and outputs still float32 as the contract says (``camserve.export.precision``);
     the card's ``precision`` records it.
+
+    ``output`` picks the logits out of a model that returns a tuple/list (an index) or a
+    dict (a key); without it the model must return one tensor.
+
+    A model that rejects the input size, an output that is not logits, a layer that is not
+    a submodule, or an operator after the layer that onnx-ad cannot differentiate raise an
+    ExportError (or LayerError) of one line that says what to change.
     """
     if precision not in contract.PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of: "
@@ -80,11 +90,19 @@ def export_explainer(
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     model = model.eval()
     example = torch.zeros(1, 3, height, width)
-    found = layers.candidates(model, example)
+    try:
+        found = layers.candidates(model, example)
+    except Exception as exc:  # whatever the network raises for an input it does not take
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        last = f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__
+        raise ExportError(f"the model rejects an input of size [1,3,{height},{width}] "
+                          f"({last}); pass the size it was built for (--input-size or "
+                          "--crop)") from exc
     chosen_default = not target_layers
     names = [layers.default_layer(found)] if chosen_default else list(target_layers or [])
-    chosen = layers.check_layers(names, found)
-    card = _card(model, example, chosen, names, labels, preprocess, architecture, precision)
+    chosen = layers.check_layers(names, found, [n for n, _ in model.named_modules() if n])
+    card = _card(model, example, chosen, names, labels, preprocess, architecture, precision,
+                 output)
 
     path = Path(path)
     if not path.parent.is_dir():
@@ -92,11 +110,15 @@ def export_explainer(
     if not os.access(path.parent, os.W_OK):
         raise ExportError(f"output folder {str(path.parent)!r} is not writable")
     with tempfile.TemporaryDirectory(prefix="camserve-export-") as scratch:
-        forward = _export_forward(model, names, example, Path(scratch) / "forward.onnx")
+        forward = _export_forward(model, names, example, Path(scratch) / "forward.onnx",
+                                  output)
         tensors = [LayerTensors(f"camserve_layer_{i}", layer.activations, layer.gradients)
                    for i, layer in enumerate(card.layers)]
-        explainer = build_explainer(forward, tensors)
-        saliency = build_saliency(forward) if input_gradients else None
+        try:
+            explainer = build_explainer(forward, tensors)
+            saliency = build_saliency(forward) if input_gradients else None
+        except GraphBuildError as exc:
+            raise _not_differentiable(exc, forward, names, model) from exc
         head, left_out = build_head(forward, tensors, contract.head_output_names(names))
     if precision == contract.FLOAT16:
         explainer, saliency, head = _to_float16(explainer, saliency, head, card)
@@ -105,20 +127,67 @@ def export_explainer(
     return ExportResult(path, card, chosen_default, companion, head_path, head_layers)
 
 
+def select_output(value, output: str | int | None, check: bool = False):
+    """The logits out of what a model returned: ``value`` itself (``output`` None), its
+    item ``output`` (tuple/list: an index, dict: a key). With ``check`` a bad ``output``
+    or a non-tensor result raises ExportError naming the choices."""
+    if output is None:
+        if check and isinstance(value, (tuple, list, dict)):
+            if isinstance(value, dict):
+                choices = ", ".join(f"{k!r}{_shape_text(v)}" for k, v in value.items())
+                what = f"a dict with keys {choices}"
+                how = "--output KEY"
+            else:
+                choices = ", ".join(f"{i}{_shape_text(v)}" for i, v in enumerate(value))
+                what = f"a {type(value).__name__} of {len(value)} ({choices})"
+                how = "--output INDEX"
+            raise ExportError(f"the model returns {what}, not one logits tensor; pick the "
+                              f"logits with {how}")
+        return value
+    if isinstance(value, dict):
+        key = output if output in value else str(output)
+        if check and key not in value:
+            raise ExportError(f"--output {output!r}: the model's dict has no such key; its "
+                              f"keys: {', '.join(repr(k) for k in value)}")
+        return value[key]
+    if isinstance(value, (tuple, list)):
+        try:
+            index = int(output)
+            picked = value[index]
+        except (ValueError, IndexError) as exc:
+            if check:
+                raise ExportError(f"--output {output!r}: the model returns a "
+                                  f"{type(value).__name__} of {len(value)}; give an index "
+                                  f"from 0 to {len(value) - 1}") from exc
+            raise
+        return picked
+    if check:
+        raise ExportError(f"--output {output!r} given, but the model returns a single "
+                          f"{type(value).__name__}; leave --output out")
+    return value
+
+
+def _shape_text(value) -> str:
+    return f" {list(value.shape)}" if isinstance(value, torch.Tensor) else \
+        f" ({type(value).__name__})"
+
+
 def _card(model: torch.nn.Module, example: torch.Tensor, chosen: list[layers.Candidate],
           names: list[str], labels: Sequence[str] | None, preprocess: Preprocessing | None,
-          architecture: str, precision: str) -> ModelCard:
+          architecture: str, precision: str, output: str | int | None = None) -> ModelCard:
     """The metadata of the export (see ``export_explainer`` for the defaults); raises
     ExportError when ``model`` does not return logits [B,N] matching ``labels``."""
     with torch.no_grad():
-        logits = model(example)
+        logits = select_output(model(example), output, check=True)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = f" {list(logits.shape)}" if isinstance(logits, torch.Tensor) else ""
         raise ExportError("the model must return one logits tensor [B,N]; "
-                          f"it returned {type(logits).__name__}")
+                          f"it returned {type(logits).__name__}{shape}")
     num_classes = int(logits.shape[1])
     labels = list(labels) if labels is not None else [f"class {i}" for i in range(num_classes)]
     if len(labels) != num_classes:
-        raise ExportError(f"{len(labels)} labels given for a model with {num_classes} classes")
+        raise ExportError(f"{len(labels)} labels given, but the model's logits have "
+                          f"{num_classes} classes")
     height, width = example.shape[2:]
     preprocess = preprocess or Preprocessing(resize=round(min(height, width) * 256 / 224),
                                              crop=(height, width))
@@ -175,8 +244,33 @@ def _add_metadata(model: onnx.ModelProto, metadata: dict[str, str], doc: str) ->
     model.doc_string = doc
 
 
+def _not_differentiable(exc: GraphBuildError, forward: onnx.ModelProto, names: list[str],
+                        model: torch.nn.Module) -> ExportError:
+    """The one-line error for a head onnx-ad cannot differentiate: the ONNX operator and,
+    from the exporter's node name (``/features/norm/LRN``), the PyTorch module."""
+    cause = exc.__cause__
+    text = " ".join(str(cause if isinstance(cause, UnsupportedOperator) else exc).split())
+    match = re.search(r"for (\w+) \(node '([^']*)'\)", text)
+    if match is None:
+        return ExportError(f"cannot differentiate the network after layer(s) "
+                           f"{', '.join(names)}: {text}")
+    op_type, node = match.groups()
+    where = ""
+    modules = dict(model.named_modules())
+    name = ""
+    for part in [p for p in node.split("/") if p][:-1]:  # scopes: full or relative names
+        joined = f"{name}.{part}" if name else part
+        name = joined if joined in modules else part if part in modules else name
+    if name:
+        where = f", in PyTorch module {name!r} ({type(modules[name]).__name__})"
+    return ExportError(f"cannot differentiate the network after layer(s) {', '.join(names)}: "
+                       f"onnx-ad has no derivative for the ONNX operator {op_type} (node "
+                       f"{node!r}{where}); explain a layer after it (--layer) or replace "
+                       "that operation")
+
+
 def _export_forward(model: torch.nn.Module, names: list[str], example: torch.Tensor,
-                    scratch: Path) -> onnx.ModelProto:
+                    scratch: Path, output: str | int | None = None) -> onnx.ModelProto:
     """The forward graph: image -> logits, camserve_layer_0, camserve_layer_1, ..."""
 
     class Forward(torch.nn.Module):
@@ -186,7 +280,7 @@ def _export_forward(model: torch.nn.Module, names: list[str], example: torch.Ten
 
         def forward(self, image: torch.Tensor):
             with layers.capture(self.model, names) as store:
-                logits = self.model(image)
+                logits = select_output(self.model(image), output)
             return (logits, *[store[n] for n in names])
 
     wrapper = Forward().eval()

@@ -7,8 +7,9 @@ A target layer is a submodule, named as in ``model.named_modules()`` (``layer4``
 from __future__ import annotations
 
 import contextlib
+import difflib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -83,8 +84,10 @@ def default_layer(found: list[Candidate]) -> str:
     return usable[best].name
 
 
-def check_layers(names: list[str], found: list[Candidate]) -> list[Candidate]:
-    """The candidates for ``names``, or a LayerError that lists the usable names."""
+def check_layers(names: list[str], found: list[Candidate],
+                 modules: list[str] | None = None) -> list[Candidate]:
+    """The candidates for ``names``, or a LayerError that lists the usable names (and, for
+    a name that is no submodule at all, the names of ``modules`` closest to it)."""
     by_name = {c.name: c for c in found}
     chosen = []
     for name in names:
@@ -92,8 +95,15 @@ def check_layers(names: list[str], found: list[Candidate]) -> list[Candidate]:
         if c is None or c.calls != 1:
             usable = [c.name for c in found if c.calls == 1 and c.shape[1] * c.shape[2] > 1]
             hint = ", ".join(usable[-12:][::-1])
-            why = ("runs more than once per forward pass" if c is not None
-                   else "is not a submodule with a [B,C,h,w] output")
+            if c is not None:
+                why = "runs more than once per forward pass"
+            elif modules is not None and name not in modules:
+                close = difflib.get_close_matches(name, modules, n=5, cutoff=0.6)
+                close += [m for m in modules if m.startswith(name + ".")][:3]
+                why = "is not a module of this model" + (
+                    f" (did you mean: {', '.join(dict.fromkeys(close))}?)" if close else "")
+            else:
+                why = "is not a submodule with a [B,C,h,w] output"
             raise LayerError(f"layer {name!r} {why}; candidates (last first): {hint}")
         chosen.append(c)
     if len(set(names)) != len(names):

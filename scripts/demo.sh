@@ -34,4 +34,18 @@ PYEOF
 $PY -m camserve explain samples/cat.jpg --server "127.0.0.1:$PORT" --target 285 --target 281 \
     --fuse max --out "$OUT"
 $PY -m camserve explain samples/coffee.jpg --server "127.0.0.1:$PORT" --top-k 1 --out "$OUT"
+# video: a few seconds of a camera panning and zooming over the cat, explained frame by
+# frame (smoothed over time) -> pan_overlay.mp4, pan.jsonl and a strip of 4 frames
+$PY - "$OUT" <<'PYEOF'
+import sys
+from camserve.client import load_image
+from camserve.client.video import pan_zoom_clip, write_clip
+write_clip(pan_zoom_clip(load_image("samples/cat.jpg")), f"{sys.argv[1]}/pan.mp4", fps=24)
+PYEOF
+$PY -m camserve explain "$OUT/pan.mp4" --server "127.0.0.1:$PORT" --smooth 0.5 --out "$OUT"
+$PY - "$OUT" <<'PYEOF'
+import sys, cv2
+from camserve.client.video import strip
+cv2.imwrite(f"{sys.argv[1]}/pan_strip.png", cv2.cvtColor(strip(f"{sys.argv[1]}/pan_overlay.mp4"), cv2.COLOR_RGB2BGR))
+PYEOF
 echo "done: pictures and JSON in $OUT/ (server log: $OUT/server.log)"

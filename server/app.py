@@ -153,6 +153,8 @@ def start(config: ServerConfig) -> RunningServer:
         raise OperatorError("--grace-seconds must be >= 0")
     if config.workers < 1 or config.max_queue < 0:
         raise OperatorError("--workers must be >= 1 and --max-queue >= 0")
+    if (config.max_connection_age or 0) < 0 or (config.max_connection_age_grace or 0) < 0:
+        raise OperatorError("--max-connection-age and --max-connection-age-grace must be >= 0")
     gate = Gate()
     health_servicer = health.HealthServicer()
     metrics = Metrics()
@@ -172,6 +174,17 @@ def start(config: ServerConfig) -> RunningServer:
     return running
 
 
+def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC's max_connection_age(_grace) from the config (none when the age is off)."""
+    if not config.max_connection_age:
+        return []
+    options = [("grpc.max_connection_age_ms", round(config.max_connection_age * 1000))]
+    if config.max_connection_age_grace is not None:
+        options.append(("grpc.max_connection_age_grace_ms",
+                        round(config.max_connection_age_grace * 1000)))
+    return options
+
+
 def _listen(config: ServerConfig, repository: ModelRepository, gate: Gate,
             health_servicer: health.HealthServicer,
             credentials: grpc.ServerCredentials | None, token: str | None) -> RunningServer:
@@ -181,6 +194,7 @@ def _listen(config: ServerConfig, repository: ModelRepository, gate: Gate,
                ("grpc.max_send_message_length", config.max_message_bytes),
                # accept the SDK's keepalive pings (every 30 s) on a quiet long call
                ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+    options += connection_age_options(config)
     interceptors = [gate] + ([TokenAuthInterceptor(token)] if token else [])
     # gRPC answers RESOURCE_EXHAUSTED at once to calls beyond workers + queue
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),

@@ -61,6 +61,14 @@ class ServerConfig:
                                       "are answered even when the main port is saturated")
     grace_seconds: float = _option(10.0, "on SIGTERM/SIGINT: how long calls in flight may take "
                                    "to finish; SIGHUP reloads the models folder")
+    max_connection_age: float | None = _option(
+        None, "close each client connection after this many seconds (gRPC's "
+        "max_connection_age, +/-10%% jitter), so clients reconnect and a load balancer "
+        "spreads them over new replicas (default: off)", metavar="SECONDS")
+    max_connection_age_grace: float | None = _option(
+        None, "after --max-connection-age: how long the calls and streams still running on a "
+        "closed connection may take to finish before they are cancelled (default: no limit)",
+        metavar="SECONDS")
 
     def with_(self, **changes: Any) -> "ServerConfig":
         """A copy with ``changes`` (``dataclasses.replace``)."""

@@ -16,12 +16,13 @@ from typing import Callable, Iterator
 import grpc
 
 from camserve.errors import CamserveError, status_name
-from camserve.explain import attributions, methods
+from camserve.explain import attributions, frames, methods
 from camserve.explain.pipeline import Limits, Pipeline
 from camserve.explain.response import to_response
 from camserve.server.metrics import Metrics
 from camserve.server.repository import ModelRepository
 from camserve.server.runtime import ExplainerModel
+from camserve.server.streams import STATS_METADATA, FrameStream
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
 
@@ -64,17 +65,34 @@ class ExplainerService(pb_grpc.ExplainerServicer):
 
     def ExplainStream(self, requests: Iterator[pb.ExplainRequest],
                       context: grpc.ServicerContext):
-        for request in requests:
-            try:
-                response = self._measured(self.explain(request, context.is_active))
-                self.metrics.requests.labels("ExplainStream", "OK").inc()
+        """Frames through a ``streams.FrameStream`` (its StreamOptions: latest frame wins,
+        per-frame deadlines, temporal smoothing); its stats also ride in the trailing
+        metadata. A client that leaves closes the stream at once: waiting frames and the
+        smoothing state are dropped, and its reader ends with the call."""
+
+        def explain(request: pb.ExplainRequest, alive: Callable[[], bool]):
+            model = self.repository.get(request.model)
+            return self.pipeline.explain(request, model, self.repository.runner(model), alive)
+
+        def failed(exc: Exception, request_id: str) -> pb.Error:
+            code = status_of(exc)
+            self.metrics.requests.labels("ExplainStream", code.name).inc()
+            self._log_failure(exc, code, request_id)
+            return pb.Error(code=code.value[0], message=str(exc))
+
+        stream = FrameStream(requests, explain, failed=failed, alive=context.is_active)
+        context.add_callback(stream.close)
+        try:
+            for response in stream:
+                if response.HasField("timings"):  # an explained frame
+                    self._measured(response)
+                    self.metrics.requests.labels("ExplainStream", "OK").inc()
                 yield response
-            except Exception as exc:  # noqa: BLE001 -- one bad frame must not end the stream
-                code = status_of(exc)
-                self.metrics.requests.labels("ExplainStream", code.name).inc()
-                self._log_failure(exc, code, request.request_id)
-                yield pb.ExplainResponse(request_id=request.request_id,
-                                         error=pb.Error(code=code.value[0], message=str(exc)))
+            context.set_trailing_metadata(((STATS_METADATA, stream.stats_json()),))
+        except CamserveError as exc:  # the first request's StreamOptions were refused
+            self._abort(context, exc, "")
+        finally:
+            stream.close()
 
     def _measured(self, response: pb.ExplainResponse) -> pb.ExplainResponse:
         t = response.timings
@@ -128,7 +146,8 @@ class ExplainerService(pb_grpc.ExplainerServicer):
             methods=[m for m in methods.method_names() if m != "ablationcam" or model.head]
             + (list(attributions.METHODS) if model.saliency else []),
             contract_version=card.contract_version,
-            execution_provider=model.provider, camserve_version=card.camserve_version)
+            execution_provider=model.provider, camserve_version=card.camserve_version,
+            pixel_formats=frames.PIXEL_FORMATS)
 
     # --- errors ---------------------------------------------------------------------------
     def _abort(self, context: grpc.ServicerContext, exc: Exception, request_id: str) -> None:

@@ -39,11 +39,16 @@ class Geometry:
         return cls((height, width), (height, width), (0, 0, width, height))
 
 
-def resize_map(cam: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of a 2-D float32 map to height x width (OpenCV, as grad-cam does)."""
+def resize_map(cam: np.ndarray, height: int, width: int,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Bilinear resize of a 2-D float32 map to height x width (OpenCV, as grad-cam does);
+    into ``out`` (C-contiguous float32 [height, width]) when given."""
     if cam.shape == (height, width):
-        return cam.astype(np.float32, copy=False)
-    return cv2.resize(np.ascontiguousarray(cam, dtype=np.float32), (width, height),
+        if out is None:
+            return cam.astype(np.float32, copy=False)
+        out[...] = cam
+        return out
+    return cv2.resize(np.ascontiguousarray(cam, dtype=np.float32), (width, height), dst=out,
                       interpolation=cv2.INTER_LINEAR)
 
 

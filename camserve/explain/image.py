@@ -3,14 +3,18 @@
 Header sniffing first: a 48 KB PNG can declare 20000 x 20000 pixels (1.2 GB decoded), so the
 size a file's header declares is checked against the limit before anything is decoded (PNG,
 JPEG, BMP and WebP are recognised: the formats the service accepts). Then encoded files are
-decoded with OpenCV (grayscale, 16-bit and alpha images become 8-bit RGB), resized so the
-shorter side is ``resize`` (bilinear), center-cropped, scaled and normalised per
-``Preprocessing``.
+decoded with OpenCV (grayscale, 16-bit and alpha images become 8-bit RGB); a large JPEG is
+decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling) when that keeps its shorter
+side at least twice the model's ``resize`` (``decode_for``). Preprocessing resizes as torchvision's ``Resize(resize)`` does on a
+PIL image (PIL's separable filters, antialiased when shrinking; only the pixels the crop needs
+are resampled), then center-crops, scales and normalises per ``Preprocessing``.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -101,9 +105,34 @@ class ImageError(CallerError):
     """An image that cannot be decoded or has the wrong layout."""
 
 
-def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> uint8 RGB [H,W,3].
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded photo: ``rgb`` uint8 [h,w,3] showing an ``original`` (H0, W0) photo.
 
+    A JPEG decoded at 1/``factor`` (2, 4 or 8, a divisor of H0 and W0) has h, w = H0/f, W0/f;
+    its pixel i covers original pixels [i*f, (i+1)*f). ``factor`` 1: full size.
+    """
+
+    rgb: np.ndarray
+    original: tuple[int, int]
+    factor: int = 1
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> uint8 RGB [H,W,3] at full size.
+
+    The size the header declares is checked against ``max_pixels`` before decoding.
+    """
+    return decode_for(data, 0, max_pixels).rgb
+
+
+def decode_for(data: bytes, shorter_side: int,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Encoded image bytes -> ``Decoded`` for a model that resizes to ``shorter_side``.
+
+    A JPEG is decoded at the largest 1/f (f = 8, 4, 2) that divides its height and width and
+    keeps its shorter side min(H0,W0)/f >= ``HEADROOM * shorter_side``; other formats (and
+    ``shorter_side`` 0) at full size.
     The size the header declares is checked against ``max_pixels`` before decoding.
     """
     if not data:
@@ -120,8 +149,32 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"the {kind} declares an empty {width}x{height} image")
     if kind == "JPEG" and not jpeg_is_complete(data):
         raise ImageError(f"the JPEG is cut short ({len(data)} bytes, no end-of-image marker)")
+    factor = next((f for f in (8, 4, 2) if kind == "JPEG" and shorter_side > 0
+                   and width % f == 0 and height % f == 0
+                   and min(width, height) // f >= HEADROOM * shorter_side), 1)
+    rgb = _imdecode(data, kind, _REDUCED[factor])
+    if factor > 1:
+        # OpenCV applies EXIF orientation, which may swap the declared width and height
+        for h0, w0 in ((height, width), (width, height)):
+            if rgb.shape[:2] == (h0 // factor, w0 // factor):
+                return Decoded(rgb, (h0, w0), factor)
+        rgb = _imdecode(data, kind, cv2.IMREAD_COLOR)  # a size we cannot place: full size
+    return Decoded(rgb, rgb.shape[:2])
+
+
+# DCT scaling is not PIL's filter: on 1080p/4K frames, decoding down to just ``resize`` moved
+# the model input by up to 0.15 (normalised, std 0.5) from torchvision on the full decode;
+# keeping twice ``resize`` moved it by 0.04 and still decodes 4-16x fewer pixels. libjpeg
+# rounds a reduced size up (ceil(N/f)): the last pixel covers a part block, at the end of the
+# axis or, after an EXIF flip or rotation, at its start, so f must divide both sides.
+HEADROOM = 2
+_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
+            4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def _imdecode(data: bytes, kind: str, flag: int) -> np.ndarray:
     try:
-        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     except cv2.error as exc:
         raise ImageError(f"cannot decode the image: {str(exc).strip().splitlines()[-1]}") from exc
     if bgr is None:
@@ -130,35 +183,124 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def from_pixels(height: int, width: int, pixels: bytes,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Raw uint8 RGB bytes -> [H,W,3] view (no copy)."""
-    if height <= 0 or width <= 0:
-        raise ImageError(f"raw image size {height}x{width} is empty")
-    if height * width > max_pixels:
-        raise LimitError(f"the raw image has {width}x{height} pixels; the limit is "
-                         f"{max_pixels} pixels")
-    expected = height * width * 3
-    if len(pixels) != expected:
-        raise ImageError(f"raw image of {height}x{width}x3 uint8 needs {expected} bytes, "
-                         f"got {len(pixels)}")
-    return np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 3)
+def preprocess(photo: np.ndarray | Decoded, spec: Preprocessing
+               ) -> tuple[np.ndarray, Geometry]:
+    """uint8 RGB [H0,W0,3] (or a ``Decoded`` photo) -> float32 [1,3,H,W] model input, and
+    how it maps back onto the original H0 x W0 photo.
 
-
-def preprocess(rgb: np.ndarray, spec: Preprocessing) -> tuple[np.ndarray, Geometry]:
-    """uint8 RGB [H0,W0,3] -> float32 [1,3,H,W] model input, and how it maps back."""
-    height, width = rgb.shape[:2]
-    geometry = Geometry.for_image(height, width, spec.resize, spec.crop)
-    resized = cv2.resize(rgb, (geometry.resized[1], geometry.resized[0]),
-                         interpolation=cv2.INTER_LINEAR if spec.interpolation != "bicubic"
-                         else cv2.INTER_CUBIC)
+    As torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on a PIL image, in float32
+    (PIL rounds to uint8 between and after its two passes: within one level of it).
+    """
+    if not isinstance(photo, Decoded):
+        photo = Decoded(photo, photo.shape[:2])
+    geometry = Geometry.for_image(*photo.original, spec.resize, spec.crop)
     x0, y0, x1, y1 = geometry.crop
-    crop = resized[y0:y1, x0:x1]
+    kind = "bicubic" if spec.interpolation == "bicubic" else "bilinear"
+    # input pixels per output pixel, on each axis, in the decoded photo's pixels
+    scale_y = photo.original[0] / geometry.resized[0] / photo.factor
+    scale_x = photo.original[1] / geometry.resized[1] / photo.factor
+    crop = _resample(photo.rgb, _taps(photo.rgb.shape[0], scale_y, y0, y1, kind),
+                     _taps(photo.rgb.shape[1], scale_x, x0, x1, kind), kind == "bicubic")
     mean = np.asarray(spec.mean, np.float32) / np.float32(spec.scale)
     inv_std = np.float32(spec.scale) / np.asarray(spec.std, np.float32)
     # (x * scale - mean) / std == (x - mean / scale) * (scale / std), one pass per channel
     tensor = np.empty((1, 3, y1 - y0, x1 - x0), dtype=np.float32)
     for c in range(3):
-        np.multiply(np.subtract(crop[:, :, c], mean[c], dtype=np.float32), inv_std[c],
-                    out=tensor[0, c])
+        np.multiply(np.subtract(crop[c], mean[c]), inv_std[c], out=tensor[0, c])
     return tensor, geometry
+
+
+def resample(photo: np.ndarray | Decoded, height: int, width: int,
+             interpolation: str = "bilinear") -> np.ndarray:
+    """uint8 RGB [h,w,3] (or a ``Decoded`` photo) -> uint8 RGB [height, width, 3]: the whole
+    original photo resampled as ``preprocess`` resamples it (PIL's filters, antialiased when
+    shrinking; "bicubic" or else bilinear), rounded to the nearest level as PIL rounds.
+
+    What a client sends instead of a camera-sized frame (the SDK's ``resize_on_client``):
+    at ``Geometry.for_image(...).resized`` the server's own resampling of it is the
+    identity, so the model input differs from one-step preprocessing by rounding only.
+    """
+    if not isinstance(photo, Decoded):
+        photo = Decoded(photo, photo.shape[:2])
+    kind = "bicubic" if interpolation == "bicubic" else "bilinear"
+    scale_y = photo.original[0] / height / photo.factor
+    scale_x = photo.original[1] / width / photo.factor
+    planes = _resample(photo.rgb, _taps(photo.rgb.shape[0], scale_y, 0, height, kind),
+                       _taps(photo.rgb.shape[1], scale_x, 0, width, kind), kind == "bicubic")
+    out = np.empty((height, width, 3), np.uint8)
+    np.add(planes.transpose(1, 2, 0), 0.5, out=out, casting="unsafe")  # in 0..255: rounds
+    return out
+
+
+# PIL's filters (Resample.c): triangle (support 1) and Keys' cubic with a = -0.5 (support 2),
+# stretched by the scale when shrinking: that stretch is the antialiasing
+_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
+_SPAN = 32  # input pixels per block of a band weight matrix (one BLAS matmul each)
+# OpenBLAS runs a matmul of m*n*k <= 65536 * 4 multiply-adds on the calling thread. Bigger
+# ones wake its pool, whose threads then spin for a while and took the cores of the
+# onnxruntime run that follows preprocessing: Lite0's 10 ms run took 23 ms after a 1080p
+# resample (2 cores). So every product here stays under that size, column chunk by chunk;
+# the resample is also faster that way (1080p: 7.5 -> 3-5 ms).
+_ONE_THREAD = 65536 * 4
+Taps = tuple[tuple[int, int, int, int, np.ndarray], ...]
+
+
+def _filter(kind: str, x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    if kind == "bilinear":
+        return np.maximum(1.0 - x, 0.0)
+    a = -0.5
+    return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
+                    np.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0))
+
+
+@functools.lru_cache(maxsize=64)
+def _taps(size: int, scale: float, first: int, stop: int, kind: str) -> Taps:
+    """Weights of outputs [first, stop) of one axis resampled from ``size`` input pixels at
+    ``scale`` input pixels per output, as PIL computes them (output j centred at
+    (j + 0.5) * scale; in-range taps only, summing to 1).
+
+    -> blocks (o0, o1, i0, i1, weights float32 [o1-o0, i1-i0]), o counted from ``first``.
+    """
+    stretch = max(scale, 1.0)
+    support = _SUPPORT[kind] * stretch
+    blocks = []
+    block = max(8, int(_SPAN / stretch))  # outputs per block
+    for start in range(first, stop, block):
+        centers = (np.arange(start, min(start + block, stop)) + 0.5) * scale
+        lo = np.clip(np.trunc(centers - support + 0.5), 0, size).astype(int)
+        hi = np.clip(np.trunc(centers + support + 0.5), 0, size).astype(int)
+        x = np.arange(lo.min(), hi.max())
+        weights = _filter(kind, (x[None, :] - centers[:, None] + 0.5) / stretch)
+        weights[(x[None, :] < lo[:, None]) | (x[None, :] >= hi[:, None])] = 0.0
+        weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+        blocks.append((start - first, start - first + len(centers), int(x[0]), int(x[-1]) + 1,
+                       weights.astype(np.float32)))
+    return tuple(blocks)
+
+
+def _resample(rgb: np.ndarray, rows: Taps, cols: Taps, clip: bool) -> np.ndarray:
+    """uint8 [h,w,3] -> float32 [3,H,W] in 0..255, two band matmuls: along the height,
+    [H, w'*3] = row weights @ the photo's w' columns that the crop reads; then along the
+    width, [W, 3*H] = column weights @ that result laid out as [w', 3*H]. Each block's
+    product is cut into column chunks that BLAS runs on this thread (``_ONE_THREAD``)."""
+    x_lo, x_hi = min(b[2] for b in cols), max(b[3] for b in cols)
+    height, width, span = rows[-1][1], cols[-1][1], x_hi - x_lo
+    tall = np.empty((height, span * 3), np.float32)
+    for o0, o1, i0, i1, weights in rows:
+        # one pass: the strided uint8 rows -> contiguous float32 [i1-i0, span*3]
+        block = rgb[i0:i1, x_lo:x_hi].astype(np.float32).reshape(i1 - i0, -1)
+        step = max(1, _ONE_THREAD // weights.size)
+        for c in range(0, span * 3, step):
+            np.matmul(weights, block[:, c:c + step], out=tall[o0:o1, c:c + step])
+    if clip:  # the cubic filter over- and undershoots; PIL clips after each pass
+        np.clip(tall, 0.0, 255.0, out=tall)
+    wide = tall.reshape(height, span, 3).transpose(1, 2, 0).reshape(span, 3 * height)
+    out = np.empty((width, 3 * height), np.float32)
+    for o0, o1, i0, i1, weights in cols:
+        step = max(1, _ONE_THREAD // weights.size)
+        for c in range(0, 3 * height, step):
+            np.matmul(weights, wide[i0 - x_lo:i1 - x_lo, c:c + step], out=out[o0:o1, c:c + step])
+    if clip:
+        np.clip(out, 0.0, 255.0, out=out)
+    return out.reshape(width, 3, height).transpose(1, 2, 0)

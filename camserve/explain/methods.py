@@ -12,6 +12,7 @@ grad-cam 1.5.7 so the maps are comparable with it:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -26,7 +27,15 @@ EPSILON = 1e-7
 
 def gradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
     """Grad-CAM: channel weights = spatial mean of the gradients; weighted sum of maps."""
-    return _weighted(gradients.mean(axis=(2, 3)), activations)
+    k, c, h, w = gradients.shape  # the mean as one matrix-vector product (BLAS)
+    weights = np.reshape(gradients, (k * c, h * w)) @ _mean_vector(h * w, gradients.dtype)
+    return _weighted(weights.reshape(k, c), activations)
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_vector(size: int, dtype: np.dtype) -> np.ndarray:
+    """[size] of 1/size: x @ it is the mean of x's rows."""
+    return np.full(size, 1.0 / size, dtype)
 
 
 def gradcam_plus_plus(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
@@ -72,8 +81,10 @@ def eigengradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
 
 
 def _weighted(weights: np.ndarray, activations: np.ndarray) -> np.ndarray:
-    """sum_c weights[k,c] * A[c] -> [K,h,w]."""
-    return np.einsum("kc,chw->khw", weights, activations, optimize=True)
+    """sum_c weights[k,c] * A[c] -> [K,h,w] (one BLAS product; einsum's path search alone
+    cost more than the product at 7x7)."""
+    c, h, w = activations.shape
+    return (weights @ np.reshape(activations, (c, h * w))).reshape(len(weights), h, w)
 
 
 def _first_component(maps: np.ndarray) -> np.ndarray:
@@ -207,9 +218,21 @@ def check_method(name: str) -> None:
 
 def normalize_maps(maps: np.ndarray) -> np.ndarray:
     """Per-map min-max to [0, 1]: (x - min) / (max - min + 1e-7); maps [K,h,w]."""
-    low = maps.min(axis=(1, 2), keepdims=True)
-    shifted = maps - low
-    return shifted / (shifted.max(axis=(1, 2), keepdims=True) + EPSILON)
+    flat = np.reshape(maps, (len(maps), -1))
+    return _normalize_rows(flat - flat.min(axis=1, keepdims=True)).reshape(maps.shape)
+
+
+def _normalize_rows(shifted: np.ndarray) -> np.ndarray:
+    """Rows of ``shifted`` (each minus its minimum) divided by their max + 1e-7, in place."""
+    return np.divide(shifted, shifted.max(axis=1, keepdims=True) + EPSILON, out=shifted)
+
+
+def _normalize_in_place(maps: np.ndarray) -> np.ndarray:
+    """``normalize_maps`` of a C-contiguous float array that the caller owns, in place."""
+    flat = maps.reshape(len(maps), -1)
+    np.subtract(flat, flat.min(axis=1, keepdims=True), out=flat)
+    _normalize_rows(flat)
+    return maps
 
 
 def cam_maps(method_name: str, layers: list[tuple[np.ndarray, np.ndarray]],
@@ -240,14 +263,25 @@ def cam_maps(method_name: str, layers: list[tuple[np.ndarray, np.ndarray]],
     for index, (activations, gradients) in enumerate(layers):
         raw = (FORWARD_METHODS[method_name](activations, forwards[index]) if forwards
                else METHODS[method_name](activations, gradients))
-        maps = np.maximum(raw, 0).astype(np.float32, copy=False)
+        maps = np.ascontiguousarray(np.maximum(raw, 0), dtype=np.float32)  # a new array
         if normalize:
-            maps = normalize_maps(maps)
-        per_layer.append(np.stack([resize_map(m, *size) for m in maps]))
+            maps = _normalize_in_place(maps)
+        per_layer.append(_resized(maps, *size))
     if len(per_layer) == 1:
         fused = per_layer[0]  # every fusion of one (ReLU'd) layer is that layer
     else:
         stacked = np.stack(per_layer)  # [L,K,H,W]
         reduce = {"mean": np.mean, "sum": np.sum, "max": np.max}[fusion]
         fused = np.maximum(reduce(stacked, axis=0), 0)
-    return normalize_maps(fused) if normalize else fused
+    return _normalize_in_place(fused) if normalize else fused
+
+
+def _resized(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """float32 maps [K,h,w] -> [K,height,width] with ``resize_map`` (itself when the size
+    is already right), written straight into the result."""
+    if maps.shape[1:] == (height, width):
+        return maps
+    out = np.empty((len(maps), height, width), np.float32)
+    for cam, into in zip(maps, out):
+        resize_map(cam, height, width, out=into)
+    return out

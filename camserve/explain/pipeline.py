@@ -25,10 +25,12 @@ import numpy as np
 
 from camserve import tensors
 from camserve.contract import ModelCard
-from camserve.errors import CamserveError, DeadlineError, LimitError
+from camserve.errors import CallerError, CamserveError, DeadlineError, LimitError
 from camserve.explain import attributions, methods
-from camserve.explain.geometry import Geometry, to_original
-from camserve.explain.image import DEFAULT_MAX_PIXELS, decode, from_pixels, preprocess
+from camserve.explain.frames import frame_to_rgb
+from camserve.explain.geometry import Geometry, resize_map, to_original
+from camserve.explain.image import DEFAULT_MAX_PIXELS, Decoded, decode_for, preprocess
+from camserve.explain.regions import DEFAULT_MAX_REGIONS, DEFAULT_THRESHOLD, Region, find_regions
 from camserve.explain.smoothing import average_maps, perturbed_batch
 from camserve.v1 import explainer_pb2 as pb
 
@@ -97,11 +99,13 @@ class Direct:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits (RESOURCE_EXHAUSTED beyond them)."""
+    """Per-request limits (RESOURCE_EXHAUSTED beyond them; ``max_regions``, the range of an
+    option, is INVALID_ARGUMENT)."""
 
     max_targets: int = 64
     max_samples: int = 128  # smoothing copies per request
     max_pixels: int = DEFAULT_MAX_PIXELS  # decoded image size, checked first
+    max_regions: int = 256  # OutputOptions.regions.max_regions (INVALID_ARGUMENT beyond)
 
 
 @dataclass
@@ -121,17 +125,29 @@ class Job:
     decoded: int
     prepared: int
     inferred: int = 0
+    regions: RegionQuery | None = None  # None: no regions asked for
+
+
+@dataclass(frozen=True)
+class RegionQuery:
+    """``OutputOptions.regions`` with its defaults applied and checked."""
+
+    threshold: float
+    max_regions: int
+    min_area: float  # original-image pixels, compared with ``Region.area``
 
 
 @dataclass(frozen=True)
 class Target:
-    """One explained class: its index, label, logit, softmax probability and map."""
+    """One explained class: its index, label, logit, softmax probability, map and regions."""
 
     class_index: int
     label: str
     logit: float
     probability: float
-    cam: np.ndarray  # float32 [H',W'] in the requested space, in [0, 1] unless raw
+    cam: np.ndarray | None  # float32 [H',W'] in the requested space, in [0, 1] unless
+    # raw; None for CamSpace NO_MAP
+    regions: tuple[Region, ...] = ()  # in original-image pixels, largest peak first
 
 
 @dataclass
@@ -178,7 +194,7 @@ class Pipeline:
         """Validate the request and build the model input; nothing runs the graph yet."""
         card = model.card
         started = time.perf_counter_ns()
-        rgb = self._decode(request)
+        rgb = self._decode(request, card.preprocessing.resize)
         decoded = time.perf_counter_ns()
         if rgb is None:
             image = self._tensor(request.tensor, model)
@@ -215,8 +231,9 @@ class Pipeline:
             samples = 0
         else:
             samples = self._samples(request.smoothing)
+        regions = self._regions(request)
         return Job(image, geometry, targets, method, fusion, layers, space, dtype, samples,
-                    started, decoded, time.perf_counter_ns())
+                    started, decoded, time.perf_counter_ns(), regions=regions)
 
     def finish(self, request: pb.ExplainRequest, model: ExplainableModel, job: Job,
                outputs: Outputs) -> Explained:
@@ -235,9 +252,11 @@ class Pipeline:
                                     size, job.fusion, normalize, forward)
         if job.space == pb.ORIGINAL_IMAGE:
             maps = np.stack([to_original(m, job.geometry) for m in maps])
+        regions = [_regions_of(m, job, job.regions) if job.regions else () for m in maps]
         probabilities = _softmax(logits[0])
         labels = model.card.labels
-        targets = [Target(int(c), labels[c], float(logits[0, c]), float(probabilities[c]), maps[k])
+        targets = [Target(int(c), labels[c], float(logits[0, c]), float(probabilities[c]),
+                          None if job.space == pb.NO_MAP else maps[k], regions[k])
                    for k, c in enumerate(classes[0])]
         finished = time.perf_counter_ns()
         timings = {"decode_us": (job.decoded - job.started) // 1000,
@@ -246,6 +265,28 @@ class Pipeline:
                    "postprocess_us": (finished - job.inferred) // 1000}
         return Explained(model.name, model.version, job.method, job.layers, job.geometry,
                          targets, logits, per_layer, timings)
+
+    def _regions(self, request: pb.ExplainRequest) -> RegionQuery | None:
+        """``output.regions`` checked, its zeros replaced by the defaults (None: not asked)."""
+        options = request.output.regions
+        if not options.enabled:
+            return None
+        threshold = options.threshold or DEFAULT_THRESHOLD
+        if not (np.isfinite(threshold) and 0 < threshold <= 1):
+            raise CallerError(f"output.regions.threshold is a map level in (0, 1] (0: "
+                              f"{DEFAULT_THRESHOLD}), got {options.threshold}")
+        max_regions = options.max_regions or DEFAULT_MAX_REGIONS
+        if max_regions > self.limits.max_regions:
+            raise CallerError(f"output.regions.max_regions must be at most "
+                              f"{self.limits.max_regions} (0: {DEFAULT_MAX_REGIONS}), got "
+                              f"{options.max_regions}")
+        if not (np.isfinite(options.min_area) and options.min_area >= 0):
+            raise CallerError(f"output.regions.min_area is a number of original-image pixels "
+                              f">= 0, got {options.min_area}")
+        if request.raw_maps:
+            raise CallerError("output.regions threshold maps normalised to [0, 1]: unset "
+                              "raw_maps")
+        return RegionQuery(float(threshold), max_regions, float(options.min_area))
 
     def _check_attribution_size(self, request: pb.ExplainRequest, method: str,
                                 targets: int) -> None:
@@ -318,14 +359,17 @@ class Pipeline:
             for s in range(len(batch))])
         return average_maps(maps, mirrored, normalize)
 
-    def _decode(self, request: pb.ExplainRequest) -> np.ndarray | None:
-        """The request's photo as uint8 RGB [H,W,3], or None for a preprocessed tensor."""
+    def _decode(self, request: pb.ExplainRequest, resize: int = 0
+                ) -> np.ndarray | Decoded | None:
+        """The request's photo as uint8 RGB [H,W,3] (a JPEG maybe decoded smaller for a
+        model resizing to ``resize``: ``Decoded``), or None for a preprocessed tensor."""
         kind = request.WhichOneof("image")
         if kind == "encoded":
-            return decode(request.encoded, self.limits.max_pixels)
+            return decode_for(request.encoded, resize, self.limits.max_pixels)
         if kind == "pixels":
             p = request.pixels
-            return from_pixels(p.height, p.width, p.pixels, self.limits.max_pixels)
+            return frame_to_rgb(p.height, p.width, p.pixels, p.format, p.step,
+                                self.limits.max_pixels)
         if kind == "tensor":
             return None
         raise CamserveError("the request has no image: set encoded, pixels or tensor")
@@ -372,6 +416,92 @@ def _forwards(model: ExplainableModel, image: np.ndarray, classes: np.ndarray,
             for layer in layers]
 
 
+def _regions_of(cam: np.ndarray, job: Job, query: RegionQuery) -> tuple[Region, ...]:
+    """The regions of one map [H',W'] on the original image's grid, from the map as the
+    caller receives it in ``job.dtype`` and lays it on the photo exactly as the SDK's
+    ``Explanation.cam`` does (the crop's size, then ``to_original``), so that server regions
+    equal the SDK's on the same response. Only requests that ask for regions pay for the
+    original-size map."""
+    cam = _as_received(cam, job.dtype)
+    if job.space != pb.ORIGINAL_IMAGE:
+        x0, y0, x1, y1 = job.geometry.crop
+        cam = to_original(resize_map(cam, y1 - y0, x1 - x0), job.geometry)
+    return tuple(find_regions(cam, query.threshold, query.max_regions, query.min_area))
+
+
+def _as_received(cam: np.ndarray, dtype: int) -> np.ndarray:
+    """float32 [h,w]: ``cam`` after the wire's ``dtype`` (``response.to_response`` encodes,
+    the SDK decodes: float16 rounding, UINT8 = rint(map * 255) / 255)."""
+    if dtype == pb.UINT8:
+        return np.rint(np.clip(cam, 0, 1) * 255).astype(np.uint8).astype(np.float32) / \
+            np.float32(255)
+    if dtype == pb.FLOAT16:
+        return cam.astype(np.float16).astype(np.float32)
+    return cam.astype(np.float32, copy=False)
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max())
     return shifted / shifted.sum()
+
+
+SCORECAM_CHUNK = 32  # masked images per Score-CAM / Ablation-CAM run (methods.Forward)
+
+
+def estimate_bytes(request: pb.ExplainRequest, card: ModelCard) -> int:
+    """A request's peak memory in bytes, estimated from what it declares before any work
+    (headers only, nothing decoded): the decoded frame (H x W x 3 from the image header or
+    the raw frame's size) and its copies while converting and preprocessing, the model input
+    (float32 [3,H,W]) times the images the request runs (smoothing copies, input-space
+    batches), the activations and gradients of its layers per image, Score-CAM's and
+    Ablation-CAM's masks and batches, and the maps (per image while smoothing). For
+    admission control: an upper bound of the right order, not an exact figure."""
+    from camserve.explain.image import declared_size
+
+    height, width = card.input_size
+    model_input = 3 * height * width * 4
+    kind = request.WhichOneof("image")
+    frame_h = frame_w = 0
+    received = 0
+    if kind == "encoded":
+        size = declared_size(request.encoded)
+        if size is not None:
+            _, frame_w, frame_h = size
+    elif kind == "pixels":
+        frame_h, frame_w = request.pixels.height, request.pixels.width
+        received = len(request.pixels.pixels)  # converted from, held alongside
+    frame = frame_h * frame_w * 3
+    # decoded + colour-converted frame, and the resized/cropped/normalised model input
+    before = received + 2 * frame + 3 * model_input
+    targets = min(max(1, len(request.classes) + request.top_k), max(1, card.num_classes))
+    method = request.method or methods.DEFAULT_METHOD
+    smoothing = request.smoothing
+    if method in attributions.METHODS:
+        try:
+            images = max(1, attributions.batch_size(
+                method, smoothing.noise_samples or attributions.SMOOTHGRAD_SAMPLES,
+                request.integrated_gradients.steps or attributions.IG_STEPS))
+        except (CamserveError, ValueError, KeyError):
+            images = 1
+        # each image's input and one input gradient per target, and the maps
+        return before + images * model_input * (1 + targets) + 2 * targets * model_input
+    images = 1
+    if smoothing.noise_samples or smoothing.horizontal_flip:
+        images = max(smoothing.noise_samples, 1) * (2 if smoothing.horizontal_flip else 1)
+    names = set(request.layers) or {layer.name for layer in card.layers}
+    shapes = [layer.shape for layer in card.layers if layer.name in names]
+    per_image = model_input + sum(4 * c * h * w * (1 + targets) for c, h, w in shapes)
+    space = request.output.space or pb.MODEL_INPUT
+    area = height * width
+    if space == pb.ORIGINAL_IMAGE and frame_h * frame_w:
+        area = max(area, frame_h * frame_w)
+    elif space == pb.FEATURE_MAP:
+        area = max((h * w for _, h, w in shapes), default=area)
+    maps = 4 * targets * area
+    extra = 0
+    if method == "scorecam":  # every channel upsampled to the input, a chunk of masked inputs
+        extra = max((4 * c * height * width for c, _, _ in shapes), default=0) + \
+            SCORECAM_CHUNK * model_input
+    elif method == "ablationcam":  # a chunk of ablated copies of the activations
+        extra = max((SCORECAM_CHUNK * 4 * c * h * w for c, h, w in shapes), default=0)
+    return before + images * (per_image + maps) + extra + 2 * maps

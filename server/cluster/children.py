@@ -4,25 +4,113 @@ A ``Child`` runs in a session of its own (a Ctrl-C in a terminal reaches only th
 process, which stops the children in order), forwards its output line by line prefixed with
 its name, keeps its last lines (a failed start says why there) and computes its restart
 delay, which doubles while it keeps failing.
+
+No orphans: on Linux every child is started with the parent-death signal (``prctl
+PR_SET_PDEATHSIG``, SIGTERM), so replicas and Envoy end with the cluster process however it
+ends, SIGKILL included. The kernel sends that signal when the *thread* that forked the child
+exits, so every child is forked by one daemon thread (``_Spawner``) that lives as long as the
+process. ``orphan_guard`` is that preexec function: after prctl it checks that its parent
+is still the process that spawned it (the parent may have died before prctl ran) and
+exits at once otherwise.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from camserve.server.config import ServerConfig, to_argv
 
 BACKOFF_FIRST_S = 0.5  # first restart delay; doubles per failure in a row, up to BACKOFF_MAX_S
 BACKOFF_MAX_S = 30.0
 STABLE_S = 30.0  # a child that ran this long before exiting starts a new series of delays
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+DEATH_SIGNAL = signal.SIGTERM  # what a child gets when the cluster process dies
+ORPHAN_EXIT_CODE = 70  # a child whose parent died before it could ask for DEATH_SIGNAL
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl on Linux (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()  # looked up once here: the preexec function runs between fork and exec
+
+
+def orphan_guard(parent: int) -> Callable[[], None] | None:
+    """The preexec function of a child of process ``parent``: DEATH_SIGNAL when the parent
+    dies, and exit at once when it already has (None where prctl does not exist)."""
+    if _PRCTL is None:
+        return None
+    prctl = _PRCTL
+
+    def guard() -> None:
+        prctl(PR_SET_PDEATHSIG, int(DEATH_SIGNAL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody will signal us
+            os._exit(ORPHAN_EXIT_CODE)
+    return guard
+
+
+class _Spawner:
+    """One daemon thread that forks every child: the parent-death signal fires when the
+    thread that forked a child exits, and this one lives as long as the process."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while True:
+            job, result = self._jobs.get()
+            try:
+                result.set_result(job())
+            except BaseException as exc:  # noqa: BLE001 -- handed to the caller
+                result.set_exception(exc)
+
+    def call(self, job: Callable[[], Any]) -> Any:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="cluster-spawner")
+                self._thread.start()
+        result: Future = Future()
+        self._jobs.put((job, result))
+        return result.result()
+
+
+_SPAWNER = _Spawner()
+
+
+def popen(argv: list[str], **kwargs: Any) -> subprocess.Popen:
+    """``subprocess.Popen`` of a child that dies with this process (Linux: see the module
+    docstring), forked by the spawner thread."""
+    guard = orphan_guard(os.getpid())
+    if guard is None:
+        return subprocess.Popen(argv, **kwargs)
+    # the guard only calls prctl, getppid and _exit (async-signal-safe in the forked child)
+    return _SPAWNER.call(lambda: subprocess.Popen(argv, preexec_fn=guard,  # noqa: PLW1509
+                                                  **kwargs))
 
 
 class Sink:
@@ -71,7 +159,7 @@ class Child:
 
     def spawn(self) -> None:
         """Start (again) and forward the output."""
-        self.process = subprocess.Popen(
+        self.process = popen(
             self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -12,11 +12,16 @@ cluster of the replicas:
   bounded in number and by a budget;
 - outlier detection for replicas that keep failing between two health checks;
 - the caller's ``grpc-timeout`` is the call's only deadline (no route timeout);
+- optionally TLS to the replicas (``UpstreamTls``, for replicas on other hosts): their
+  certificates must chain to a given CA (and name a given server name), Envoy shows a client
+  certificate of its own for replicas that ask for one; health checks on the replicas'
+  health-only ports stay plaintext, as ``camserve serve --health-port`` serves them;
 - request bodies up to the server's message limit are kept for a retry;
 - the admin interface on loopback only.
 
-``python -m camserve.server.cluster.envoy HOST:PORT ... [--host H] [--port P] [--admin-port A]``
-prints the configuration for other addresses.
+``python -m camserve.server.cluster.envoy HOST:PORT ... [--host H] [--port P] [--admin-port A]
+[--upstream-tls-ca FILE [--upstream-tls-cert FILE --upstream-tls-key FILE]]`` prints the
+configuration for other addresses.
 """
 
 from __future__ import annotations
@@ -51,6 +56,13 @@ _PREVIOUS_HOSTS = ("type.googleapis.com/envoy.extensions.retry.host.previous_hos
                    "PreviousHostsPredicate")
 _DOWNSTREAM_TLS = ("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
                    "DownstreamTlsContext")
+_UPSTREAM_TLS = ("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                 "UpstreamTlsContext")
+_RAW_BUFFER = ("type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3."
+               "RawBuffer")
+# health checks carry this criterion, and the cluster's only transport socket match with it
+# is plaintext: with TLS to the replicas, their (plaintext) health ports are still checked
+PLAINTEXT_HEALTH = {"camserve_health": "plaintext"}
 _CONNECTIONS_MONITOR = ("type.googleapis.com/envoy.extensions.resource_monitors."
                         "downstream_connections.v3.DownstreamConnectionsConfig")
 
@@ -113,11 +125,13 @@ def retry_policy(num_retries: int) -> dict[str, Any]:
 
 
 def upstream_cluster(replicas: Sequence[str], health: dict[str, Any],
-                     health_ports: Sequence[int | None] | None = None) -> dict[str, Any]:
+                     health_ports: Sequence[int | None] | None = None,
+                     tls: UpstreamTls | None = None) -> dict[str, Any]:
     """The replicas as one cluster: STATIC for IP addresses, STRICT_DNS when a name needs
     resolving (every address a name resolves to becomes a replica). ``health_ports[i]``, when
     given, is the port replica i answers health checks on (``camserve serve --health-port``,
-    which a saturated replica still answers); else its gRPC port."""
+    which a saturated replica still answers); else its gRPC port. With ``tls`` Envoy talks
+    TLS to the replicas' gRPC ports (plaintext to their health ports)."""
     endpoints = [split_address(address) for address in replicas]
     ports = list(health_ports) if health_ports is not None else [None] * len(endpoints)
     static = all(_is_ip(host) for host, _ in endpoints)
@@ -152,7 +166,62 @@ def upstream_cluster(replicas: Sequence[str], health: dict[str, Any],
     }
     if not static:
         cluster["dns_lookup_family"] = "V4_PREFERRED"
+    if tls is not None:
+        cluster["transport_socket"] = tls.transport_socket()
+        if any(port is not None for port in ports):  # the health ports are plaintext
+            cluster["transport_socket_matches"] = [{
+                "name": "plaintext-health", "match": PLAINTEXT_HEALTH,
+                "transport_socket": {"name": "envoy.transport_sockets.raw_buffer",
+                                     "typed_config": {"@type": _RAW_BUFFER}}}]
+            health["transport_socket_match_criteria"] = PLAINTEXT_HEALTH
     return cluster
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """TLS from Envoy to the replicas: their certificates must chain to ``ca`` (and, with
+    ``server_name``, name it: it is also sent as SNI); ``cert`` and ``key``, when given, are
+    Envoy's client certificate (replicas started with --tls-client-ca ask for one)."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+    def transport_socket(self) -> dict[str, Any]:
+        validation: dict[str, Any] = {"trusted_ca": {"filename": str(self.ca)}}
+        if self.server_name:
+            validation["match_typed_subject_alt_names"] = [
+                {"san_type": "DNS", "matcher": {"exact": self.server_name}}]
+        context: dict[str, Any] = {"validation_context": validation,
+                                   "alpn_protocols": ["h2"]}  # gRPC
+        if self.cert is not None:
+            context["tls_certificates"] = [{"certificate_chain": {"filename": str(self.cert)},
+                                            "private_key": {"filename": str(self.key)}}]
+        tls: dict[str, Any] = {"@type": _UPSTREAM_TLS, "common_tls_context": context}
+        if self.server_name:
+            tls["sni"] = self.server_name
+        return {"name": "envoy.transport_sockets.tls", "typed_config": tls}
+
+
+def upstream_tls(ca: Path | None, cert: Path | None = None, key: Path | None = None,
+                 server_name: str | None = None) -> UpstreamTls | None:
+    """``UpstreamTls`` from the --upstream-tls-* options (None without them), with absolute
+    paths of files that exist; OperatorError for an incomplete or unreadable set."""
+    if ca is None and cert is None and key is None and not server_name:
+        return None
+    if ca is None:
+        raise OperatorError("TLS to the replicas needs --upstream-tls-ca (the CA their "
+                            "certificates chain to)")
+    if (cert is None) != (key is None):
+        raise OperatorError("a client certificate for the replicas needs both "
+                            "--upstream-tls-cert and --upstream-tls-key")
+    files = {"--upstream-tls-ca": ca, "--upstream-tls-cert": cert, "--upstream-tls-key": key}
+    for flag, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise OperatorError(f"{flag} {str(path)!r} is not a readable file")
+    return UpstreamTls(Path(ca).resolve(), Path(cert).resolve() if cert else None,
+                       Path(key).resolve() if key else None, server_name or None)
 
 
 @dataclass(frozen=True)
@@ -227,11 +296,12 @@ def bootstrap(replicas: Sequence[str], *, listen_host: str = "127.0.0.1",
               health_ports: Sequence[int | None] | None = None,
               tls: ListenerTls | None = None,
               max_message_bytes: int = MAX_MESSAGE_BYTES,
-              max_connections: int = 10_000) -> dict[str, Any]:
+              max_connections: int = 10_000,
+              upstream: UpstreamTls | None = None) -> dict[str, Any]:
     """Envoy's bootstrap configuration for ``replicas`` ("host:port" each) behind one gRPC
     listener on ``listen_host:listen_port`` (port 0: any free port; TLS-only with ``tls``),
-    the admin interface on 127.0.0.1:``admin_port`` (0: any free port); ``health_ports`` as
-    for ``upstream_cluster``."""
+    the admin interface on 127.0.0.1:``admin_port`` (0: any free port); ``health_ports`` and
+    ``upstream`` (TLS to the replicas) as for ``upstream_cluster``."""
     if not replicas:
         raise OperatorError("at least one replica address is needed")
     if health_ports is not None and (
@@ -248,7 +318,7 @@ def bootstrap(replicas: Sequence[str], *, listen_host: str = "127.0.0.1",
             "listeners": [listener(listen_host, listen_port, num_retries, max_message_bytes,
                                    tls)],
             "clusters": [upstream_cluster(replicas, health_check(health_interval_s),
-                                          health_ports)],
+                                          health_ports, upstream)],
         },
         "overload_manager": {"resource_monitors": [{
             "name": "envoy.resource_monitors.global_downstream_max_connections",
@@ -301,6 +371,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM key of --tls-cert")
     parser.add_argument("--tls-client-ca", type=Path, metavar="FILE",
                         help="PEM CA: callers must show a certificate it signed (mutual TLS)")
+    parser.add_argument("--upstream-tls-ca", type=Path, metavar="FILE",
+                        help="TLS to the replicas (on other hosts): PEM CA their certificates "
+                             "must chain to (they serve with 'camserve serve --tls-cert')")
+    parser.add_argument("--upstream-tls-cert", type=Path, metavar="FILE",
+                        help="PEM client certificate Envoy shows the replicas (for replicas "
+                             "with --tls-client-ca), with --upstream-tls-key")
+    parser.add_argument("--upstream-tls-key", type=Path, metavar="FILE",
+                        help="PEM key of --upstream-tls-cert")
+    parser.add_argument("--upstream-tls-server-name", metavar="NAME",
+                        help="the name the replicas' certificates must carry (DNS SAN), also "
+                             "sent as SNI (default: any certificate the CA signed)")
     args = parser.parse_args(argv)
     try:
         health_ports = (None if args.health_port is None
@@ -308,7 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = bootstrap(args.replicas, listen_host=args.host, listen_port=args.port,
                            admin_port=args.admin_port, num_retries=args.retries,
                            health_ports=health_ports,
-                           tls=listener_tls(args.tls_cert, args.tls_key, args.tls_client_ca))
+                           tls=listener_tls(args.tls_cert, args.tls_key, args.tls_client_ca),
+                           upstream=upstream_tls(args.upstream_tls_ca, args.upstream_tls_cert,
+                                                 args.upstream_tls_key,
+                                                 args.upstream_tls_server_name))
     except CamserveError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

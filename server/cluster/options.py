@@ -25,7 +25,8 @@ REPLICA_HOST = "127.0.0.1"  # replicas are reached through Envoy only
 # the camserve serve options a cluster passes on to its replicas (``camserve cluster`` flags)
 REPLICA_OPTIONS = ("device", "intra_op_threads", "batching", "max_batch_size",
                    "max_queue_delay_ms", "workers", "max_queue", "default_model",
-                   "auth_token_file", "grace_seconds")
+                   "auth_token_file", "grace_seconds", "max_connection_age",
+                   "max_connection_age_grace")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from camserve.errors import OperatorError
 from camserve.server.cluster import envoy as envoy_config
-from camserve.server.cluster import probes
+from camserve.server.cluster import leftovers, probes
 from camserve.server.cluster.children import (
     Child,
     EnvoyProcess,
@@ -63,6 +63,12 @@ class RunningCluster:
         self._lock = threading.Lock()
         self._stopped = False
         self._supervisor: threading.Thread | None = None
+        # the children's pids, for the next cluster on these ports (``leftovers``)
+        self.record = leftovers.record_path(config.host, config.port, config.metrics_port_base)
+        self.record_children()
+
+    def record_children(self) -> None:
+        leftovers.write(self.record, [child.pid for child in [*self.replicas, self.envoy]])
 
     def __enter__(self) -> Self:
         return self
@@ -120,6 +126,7 @@ class RunningCluster:
             child.restart_at = None
             child.restarts += 1
             child.spawn()
+            self.record_children()
             log.warning("%s restarted (pid %d, restart %d)", child.name, child.pid,
                         child.restarts)
 
@@ -164,6 +171,7 @@ class RunningCluster:
         for child in [*self.replicas, self.envoy]:
             child.join_output()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        leftovers.remove(self.record)
         log.info("cluster stopped")
 
 
@@ -274,7 +282,9 @@ def _start_children(config: ClusterConfig, host: str, replicas: list[Replica],
 
 def start_cluster(config: ClusterConfig) -> RunningCluster:
     """Start the replicas and Envoy in front of them; returns once a health call through Envoy
-    is answered SERVING. OperatorError (nothing left running) when something cannot start."""
+    is answered SERVING. OperatorError (nothing left running) when something cannot start.
+    Children a killed cluster left on the same fixed ports are killed first (``leftovers``)."""
+    leftovers.reap(leftovers.record_path(config.host, config.port, config.metrics_port_base))
     host, binary = check(config)
     workdir = Path(tempfile.mkdtemp(prefix="camserve-cluster-"))
     sink = Sink(config.output)

@@ -146,7 +146,7 @@ class IntegratedGradients(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., baseline: _Optional[_Union[IntegratedGradients.Baseline, str]] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "request_id", "encoded", "pixels", "tensor", "classes", "top_k", "method", "layers", "fusion", "output", "smoothing", "raw_maps", "integrated_gradients")
+    __slots__ = ("model", "request_id", "encoded", "pixels", "tensor", "classes", "top_k", "method", "layers", "fusion", "output", "smoothing", "raw_maps", "integrated_gradients", "stream")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class ExplainRequest(_message.Message):
     SMOOTHING_FIELD_NUMBER: _ClassVar[int]
     RAW_MAPS_FIELD_NUMBER: _ClassVar[int]
     INTEGRATED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
     model: str
     request_id: str
     encoded: bytes
@@ -175,7 +176,38 @@ class ExplainRequest(_message.Message):
     smoothing: Smoothing
     raw_maps: bool
     integrated_gradients: IntegratedGradients
-    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[RawImage, _Mapping]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., method: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[LayerFusion, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., smoothing: _Optional[_Union[Smoothing, _Mapping]] = ..., raw_maps: _Optional[bool] = ..., integrated_gradients: _Optional[_Union[IntegratedGradients, _Mapping]] = ...) -> None: ...
+    stream: StreamOptions
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[RawImage, _Mapping]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., method: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[LayerFusion, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., smoothing: _Optional[_Union[Smoothing, _Mapping]] = ..., raw_maps: _Optional[bool] = ..., integrated_gradients: _Optional[_Union[IntegratedGradients, _Mapping]] = ..., stream: _Optional[_Union[StreamOptions, _Mapping]] = ...) -> None: ...
+
+class StreamOptions(_message.Message):
+    __slots__ = ("latest_frame_wins", "frame_deadline_ms", "temporal_smoothing", "scene_change_correlation", "reset")
+    LATEST_FRAME_WINS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    TEMPORAL_SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    SCENE_CHANGE_CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    latest_frame_wins: bool
+    frame_deadline_ms: int
+    temporal_smoothing: float
+    scene_change_correlation: float
+    reset: bool
+    def __init__(self, latest_frame_wins: _Optional[bool] = ..., frame_deadline_ms: _Optional[int] = ..., temporal_smoothing: _Optional[float] = ..., scene_change_correlation: _Optional[float] = ..., reset: _Optional[bool] = ...) -> None: ...
+
+class StreamStats(_message.Message):
+    __slots__ = ("frames_received", "frames_explained", "frames_skipped", "frames_failed", "latency_p50_ms", "latency_p99_ms")
+    FRAMES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_EXPLAINED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FAILED_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    frames_received: int
+    frames_explained: int
+    frames_skipped: int
+    frames_failed: int
+    latency_p50_ms: float
+    latency_p99_ms: float
+    def __init__(self, frames_received: _Optional[int] = ..., frames_explained: _Optional[int] = ..., frames_skipped: _Optional[int] = ..., frames_failed: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ...) -> None: ...
 
 class Target(_message.Message):
     __slots__ = ("class_index", "label", "logit", "probability", "cam", "regions")
@@ -284,7 +316,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request_id", "model", "model_version", "method", "layers", "targets", "geometry", "timings", "raw", "error")
+    __slots__ = ("request_id", "model", "model_version", "method", "layers", "targets", "geometry", "timings", "raw", "error", "skipped", "skip_reason", "stream_stats")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +327,9 @@ class ExplainResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    SKIP_REASON_FIELD_NUMBER: _ClassVar[int]
+    STREAM_STATS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     model_version: str
@@ -305,7 +340,10 @@ class ExplainResponse(_message.Message):
     timings: Timings
     raw: RawTensors
     error: Error
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., method: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., raw: _Optional[_Union[RawTensors, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    skipped: bool
+    skip_reason: str
+    stream_stats: StreamStats
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., method: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., raw: _Optional[_Union[RawTensors, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., skipped: _Optional[bool] = ..., skip_reason: _Optional[str] = ..., stream_stats: _Optional[_Union[StreamStats, _Mapping]] = ...) -> None: ...
 
 class ReloadModelsRequest(_message.Message):
     __slots__ = ()
