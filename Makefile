@@ -62,8 +62,9 @@ proto: install
 	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos $(PROTO)
 
-# camserve vs grad-cam vs Captum, latency/throughput/RSS/response size (~6 min on 2 cores;
-# BENCH_ARGS=--quick for a ~1 minute smoke run). Writes bench/results/bench.{md,json}.
+# camserve (forward, graph, e2e over gRPC) vs grad-cam vs Captum, each in its own process,
+# latency and throughput vs the graph's limit (~6 min on 2 cores; BENCH_ARGS=--quick for a
+# ~1 minute smoke run). Writes bench/results/bench.{md,json}.
 bench: install
 	$(PY) bench/compare.py $(BENCH_ARGS)
 

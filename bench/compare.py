@@ -1,8 +1,10 @@
 """What a Grad-CAM explanation costs, each side measured in a process of its own.
 
-``make bench`` (or ``.venv/bin/python bench/compare.py [--quick]``). For each model
+``make bench`` (or ``.venv/bin/python bench/compare.py [--quick] [--device cuda]``). For
+each model
 (EfficientNet-Lite0, pretrained: models/efficientnet_lite0.onnx, exported when missing;
-resnet50 with seeded random weights, exported into a temporary folder), on the CPU, B=1,
+resnet50 with seeded random weights, exported into a temporary folder), on the CPU
+(``--device cuda``: onnxruntime's CUDA provider, the servers and torch on the GPU), B=1,
 the same thread count everywhere (onnxruntime intra-op threads = torch threads = --threads):
 
   forward        onnxruntime, the plain classifier (torch.onnx.export of the same weights)
@@ -43,14 +45,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frames import free_port, summary, time_rounds  # noqa: E402  (bench/frames.py)
+from frames import free_port, summary, time_rounds  # bench/frames.py
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "samples" / "cat.jpg"
@@ -81,7 +84,7 @@ def progress(message: str) -> None:
 # --- the measured sides, each a process of its own ----------------------------------------
 def worker(args: argparse.Namespace) -> None:
     """Serve one side on stdin/stdout: 'ready <json>' first, then per line 'run', 'explain'
-    or 'batch B N' the milliseconds it took (batch: the median of N runs at batch B)."""
+    or 'batch B N' the milliseconds it took (batch: the fastest of N runs at batch B)."""
     image = np.load(args.tensor)
     calls: dict[str, Callable[[], object]] = {}
     info: dict[str, Any] = {"pid": os.getpid()}
@@ -96,10 +99,11 @@ def worker(args: argparse.Namespace) -> None:
         options = session_options(args.threads)
         spinning = "1" if args.spinning else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-        session = ort.InferenceSession(str(args.model), options,
-                                       providers=["CPUExecutionProvider"])
+        providers = (["CUDAExecutionProvider"] if args.device == "cuda" else []) \
+            + ["CPUExecutionProvider"]
+        session = ort.InferenceSession(str(args.model), options, providers=providers)
         info |= {"onnxruntime": ort.__version__, "allow_spinning": spinning,
-                 "intra_op_threads": args.threads}
+                 "intra_op_threads": args.threads, "provider": session.get_providers()[0]}
         if args.worker == "ort-forward":
             feeds = {"image": image}
             calls["run"] = lambda: session.run(None, feeds)
@@ -127,9 +131,9 @@ def worker(args: argparse.Namespace) -> None:
         from camserve.export.models import load
 
         torch.set_num_threads(args.threads)
-        module = load(args.arch, args.weights).module.eval()
+        module = load(args.arch, args.weights).module.eval().to(args.device)
         layer = dict(module.named_modules())[args.layer]
-        x = torch.from_numpy(image)
+        x = torch.from_numpy(image).to(args.device)
         with torch.no_grad():
             top = int(module(x).argmax())
         info |= {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -158,7 +162,7 @@ def worker(args: argparse.Namespace) -> None:
                 start = time.perf_counter()
                 run_batch(size)
                 times.append((time.perf_counter() - start) * 1e3)
-            print(f"{statistics.median(times):.4f}", flush=True)
+            print(f"{min(times):.4f}", flush=True)  # the best run: what the graph can do
             continue
         start = time.perf_counter()
         calls[command]()
@@ -234,14 +238,15 @@ def export_model(arch: str, folder: Path) -> tuple[Path, Path, Path | None]:
 
 # --- the server -----------------------------------------------------------------------------
 class Server:
-    def __init__(self, models: Path, threads: int, flags: list[str], log: Path) -> None:
+    def __init__(self, models: Path, threads: int, flags: list[str], log: Path,
+                 device: str) -> None:
         from camserve.client import Client
 
         port = free_port()
         with log.open("w") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "camserve", "serve", "--models", str(models), "--port",
-                 str(port), "--device", "cpu", "--intra-op-threads", str(threads), *flags],
+                 str(port), "--device", device, "--intra-op-threads", str(threads), *flags],
                 stdout=out, stderr=subprocess.STDOUT)
         self.address = f"127.0.0.1:{port}"
         with Client(self.address, timeout=2) as client:
@@ -322,7 +327,7 @@ def measure(arch: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any
     jpeg = SAMPLE.read_bytes()
     tensor = scratch / f"{arch}.npy"
     np.save(tensor, preprocess(decode(jpeg), card.preprocessing)[0])
-    common = ["--tensor", str(tensor), "--threads", str(args.threads)]
+    common = ["--tensor", str(tensor), "--threads", str(args.threads), "--device", args.device]
     torch_args = ["--arch", arch, "--layer", card.layers[0].name,
                   *(["--weights", str(weights)] if weights else [])]
     sides: dict[str, Side] = {}
@@ -334,13 +339,13 @@ def measure(arch: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any
         sides["forward/nospin"] = Side("ort-forward", common, "--model", str(plain))
         sides["graph/spin"] = Side("ort-graph", common, "--model", str(explainer), "--spinning")
         sides["graph/nospin"] = Side("ort-graph", common, "--model", str(explainer))
-        if not args.no_torch:
-            sides["grad-cam"] = Side("grad-cam", common, *torch_args)
-            if installed("captum") != "not installed":
-                sides["captum"] = Side("captum", common, *torch_args)
+        for name, package in (("grad-cam", "grad-cam"), ("captum", "captum")):
+            if not args.no_torch and installed(package) != "not installed":
+                sides[name] = Side(name, common, *torch_args)
         folder = served_folder(explainer, scratch)
         for mode, flags in (("batching", []), ("no-batching", ["--no-batching"])):
-            servers[mode] = Server(folder, args.threads, flags, scratch / f"{arch}-{mode}.log")
+            servers[mode] = Server(folder, args.threads, flags, scratch / f"{arch}-{mode}.log",
+                                   args.device)
             clients[mode] = Client(servers[mode].address, timeout=TIMEOUT_S)
         calls: dict[str, Callable[[], float]] = {
             key: (lambda side=side: side.ask("run")) for key, side in sides.items()}
@@ -355,12 +360,12 @@ def measure(arch: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any
         progress(f"{arch}: throughput")
         graph_side = sides["graph/spin"]
         batch_ms = {b: graph_side.ask(f"batch {b} {args.batch_runs}") for b in args.batches}
+        info = {key: side.info for key, side in sides.items()}
         for key in [k for k in sides if k != "graph/spin"]:  # idle while the clients run
             sides.pop(key).stop()
         limit = max(b * 1e3 / ms for b, ms in batch_ms.items())
         rates = {mode: {n: clients_rate(server.address, jpeg, explainer.stem, n, args.seconds)
                         for n in args.clients} for mode, server in servers.items()}
-        info = {key: side.info for key, side in sides.items()}
     finally:
         for client in clients.values():
             client.close()
@@ -413,10 +418,14 @@ def machine(threads: int) -> dict[str, Any]:
 
 
 def report(info: dict[str, Any], args: argparse.Namespace, results: dict[str, Any]) -> str:
+    ort = info["onnxruntime"] if info["onnxruntime"] != "not installed" \
+        else info["onnxruntime-gpu"]
+    providers = sorted({side["provider"] for r in results.values()
+                        for side in r["sides"].values() if "provider" in side})
     lines = ["# camserve vs the graph alone vs grad-cam and Captum: one Grad-CAM explanation",
-             "",
-             f"{info['cpu']}, {info['cores']} cores; onnxruntime "
-             f"{info['onnxruntime-gpu'] if info['onnxruntime'] == 'not installed' else info['onnxruntime']}, torch "
+             "", f"Device: {args.device}; onnxruntime providers: {', '.join(providers)}.", "",
+             (f"{info['cpu']}, {info['cores']} cores; onnxruntime "
+             f"{ort}, torch "
              f"{info['torch']}, grad-cam {info['grad-cam']}, captum {info['captum']}, grpcio "
              f"{info['grpcio']}. {args.threads} threads everywhere (onnxruntime intra-op = "
              "torch = the server's --intra-op-threads); every side in its own process, no torch "
@@ -424,7 +433,7 @@ def report(info: dict[str, Any], args: argparse.Namespace, results: dict[str, An
              "onnxruntime's default). Same input everywhere: samples/cat.jpg (the e2e request) "
              "and camserve's preprocessing of it (.npy) for the others. B=1, one target (the "
              f"predicted class). Median and p10-p90 of {args.runs} interleaved rounds after "
-             f"{args.warmup} warm-up rounds, each call {args.pause_ms:g} ms after the previous.",
+             f"{args.warmup} warm-up rounds, each call {args.pause_ms:g} ms after the previous."),
              ""]
     lines += ["| model | measurement | median ms | p10-p90 | load avg (1 min) |",
               "|---|---|---|---|---|"]
@@ -434,8 +443,9 @@ def report(info: dict[str, Any], args: argparse.Namespace, results: dict[str, An
             lines.append(f"| {arch} | {LABELS[key]} | {v['median']:.2f} | {v['p10']:.2f}-"
                          f"{v['p90']:.2f} | {load['rounds_start'][0]:.2f} -> "
                          f"{load['rounds_end'][0]:.2f} |")
-    lines += ["", "| model | graph/forward ≤ 1.03 | graph/forward, spinning off | "
-              "e2e/forward (target) | e2e/forward, no batching | grad-cam/e2e | captum/e2e |",
+    lines += ["", ("| model | graph/forward ≤ 1.03 | graph/forward, spinning off | "
+                   "e2e/forward (target) | e2e/forward, no batching | grad-cam/e2e | "
+                   "captum/e2e |"),
               "|---|---|---|---|---|---|---|"]
     for arch, r in results.items():
         q = r["ratios"]
@@ -448,18 +458,19 @@ def report(info: dict[str, Any], args: argparse.Namespace, results: dict[str, An
                if e2e_target else f"{q['e2e/forward (batching)']:.2f}")
             + f" | {q['e2e/forward (no-batching)']:.2f} | "
             f"{q.get('grad-cam/e2e', float('nan')):.1f} | {q.get('captum/e2e', float('nan')):.1f} |")
-    lines += ["", "Server stages (ms, medians of separate SDK-default calls, from the response's "
-              "timings; inference includes any wait in the batching queue):", "",
+    lines += ["", ("Server stages (ms, medians of separate SDK-default calls, from the "
+                   "response's timings; inference includes any wait in the batching queue):"),
+              "",
               "| model | server | decode | preprocess | inference | postprocess |",
               "|---|---|---|---|---|---|"]
     for arch, r in results.items():
         for mode, s in r["server_stages_ms"].items():
             lines.append(f"| {arch} | {mode} | " + " | ".join(f"{s[k]:.2f}" for k in STAGES)
                          + " |")
-    lines += ["", f"Throughput: the limit is the explainer graph's best in-process rate over "
-              f"batch sizes {', '.join(map(str, args.batches))} (spinning, median of "
-              f"{args.batch_runs} runs each); clients: explanations/s over gRPC, SDK default, "
-              f"{args.seconds:g} s per level, and the fraction of the limit.", "",
+    lines += ["", (f"Throughput: the limit is the explainer graph's best in-process rate over "
+                   f"batch sizes {', '.join(map(str, args.batches))} (spinning, fastest of "
+                   f"{args.batch_runs} runs each); clients: explanations/s over gRPC, SDK "
+                   f"default, {args.seconds:g} s per level, and the fraction of the limit."), "",
               "| model | graph images/s by batch | limit | server | "
               + " | ".join(f"{n} client{'s' * (n > 1)}" for n in args.clients) + " |",
               "|---|---|---|---|" + "---|" * len(args.clients)]
@@ -477,6 +488,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", help="default: efficientnet_lite0 resnet50 "
                         "(--quick: efficientnet_lite0)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="onnxruntime's provider (plain session.run, no IO binding), the "
+                        "servers' --device and torch's device")
     parser.add_argument("--threads", type=int, default=2,
                         help="onnxruntime intra-op threads (sides and servers) = torch threads")
     parser.add_argument("--runs", type=int, help="timed rounds (default 30, --quick 5)")

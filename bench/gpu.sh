@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# camserve on a CUDA GPU: bench/compare.py --device cuda -- (a) onnxruntime forward, (b) the
-# explainer in-process (IO binding; also without), (c) gRPC end to end, (d) grad-cam on torch,
-# for resnet50 and EfficientNet-Lite0 exported in float32 and float16 -- then
+# camserve on a CUDA GPU: bench/compare.py --device cuda -- onnxruntime forward, the
+# explainer graph (plain session.run), gRPC end to end, grad-cam and Captum on torch, each in
+# its own process, for resnet50 and EfficientNet-Lite0 in float32 -- then
 # bench/precision.py --device cuda (float16 against float32 on the GPU). Under 5 minutes on a
 # machine without network whose python3 has torch with CUDA 13 (and its nvidia-* libraries),
 # numpy, onnx, opencv, psutil, prometheus-client.
@@ -179,7 +179,7 @@ EOF
   echo "  ${PRECISION[*]}"
 }
 
-COMPARE=(python3 "$ROOT/bench/compare.py" --device cuda --precision float32 float16
+COMPARE=(python3 "$ROOT/bench/compare.py" --device cuda
          --models resnet50 efficientnet_lite0 --threads 4 --runs 30 --warmup 5
          --seconds 2 --clients 1 4 16 --out "$RESULTS")
 PRECISION=(python3 "$ROOT/bench/precision.py" --device cuda --models efficientnet_lite0 resnet18

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from camserve.export import export_explainer
-from camserve.export.models import load
 from camserve.explain import methods
 from camserve.explain.image import decode, preprocess
+from camserve.export import export_explainer
+from camserve.export.models import load
 from camserve.server.runtime import load_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,8 +7,10 @@ thin client and ``camserve serve`` never imports torch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+import camserve
 from camserve.errors import CamserveError
 
 
@@ -20,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     from camserve.server.evaluate import cli as evaluate_cli
 
     parser = argparse.ArgumentParser(prog="camserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version",
+                        version=f"camserve {camserve.__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     export_cli.add_parser(subparsers)
     server_cli.add_parser(subparsers)
@@ -30,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["explain"]:
+        # gRPC's native log lines would print beside the one-line error (read when grpc is
+        # first imported); GRPC_VERBOSITY=ERROR or DEBUG in the environment shows them
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)

@@ -1,7 +1,8 @@
 """Graph contract v1: what an explainer ONNX file promises to the server and to edge users.
 
 Inputs:
-  ``image``   float32 [B,3,H,W], already preprocessed (see ``Preprocessing``)
+  ``image``   float32 [B,C,H,W], already preprocessed (see ``Preprocessing``); C = 3, or
+              C = 1 for a one-channel model (``Preprocessing.grayscale == "single"``)
   ``targets`` int64 [B,K]; t >= 0 is a class index, t = -r is "the r-th highest logit";
               K = 0 runs the logits only (the gradients come out empty)
 Outputs:
@@ -10,6 +11,14 @@ Outputs:
   per target layer, an activations/gradients pair (names in the ``camserve.layers`` metadata;
   with one layer they are ``activations`` [B,C,h,w] and ``gradients`` [B,K,C,h,w],
   gradients[b,k] = d logits[b, classes[b,k]] / d activations[b]).
+
+One-channel models (camserve 0.1.0 on, still contract v1): a file whose preprocessing
+says ``grayscale: "single"`` (``camserve export --grayscale single``) takes ``image``
+[B,1,H,W], and its ``mean`` and ``std`` hold one value each; the server turns every photo
+(colour or not) into one luma channel, 0.299 R + 0.587 G + 0.114 B as PIL's ``convert("L")``,
+before scaling and normalising, and its saliency companion's ``input_gradients`` are
+[B,K,1,H,W]. Files written before (``grayscale: "replicate"``, C = 3) read and run exactly as
+they did; an older camserve refuses a one-channel file at its input-shape check.
 
 Everything else the server needs travels in the model's metadata_props, one JSON value per
 key (``METADATA_KEYS``). This module is pure Python: the exporter writes it, the server and
@@ -102,7 +111,9 @@ FLOAT16 = "float16"
 PRECISIONS = (FLOAT32, FLOAT16)
 
 INTERPOLATIONS = ("bilinear", "bicubic")  # ``Preprocessing.interpolation``
-GRAYSCALE_MODES = ("replicate",)  # ``Preprocessing.grayscale``
+REPLICATE = "replicate"  # a grayscale photo becomes three equal channels; C = 3
+SINGLE = "single"  # every photo becomes one luma channel; the model takes C = 1
+GRAYSCALE_MODES = (REPLICATE, SINGLE)  # ``Preprocessing.grayscale``
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,9 @@ class Preprocessing:
     RGB uint8 photo -> resize (shorter side to ``resize``, ``interpolation`` bilinear or
     bicubic, antialiased as PIL) -> center crop to ``crop`` = (height, width) -> x * ``scale``
     -> (x - mean) / std per channel -> [1,3,H,W]. Grayscale photos are replicated to three
-    channels (``grayscale="replicate"``). ``camserve export`` sets every field from its
+    channels (``grayscale="replicate"``); with ``grayscale="single"`` every photo becomes one
+    luma channel (0.299 R + 0.587 G + 0.114 B) before the scaling, ``mean`` and ``std`` hold
+    one value each and the input is [1,1,H,W] (``channels``). ``camserve export`` sets every field from its
     flags (``--resize``, ``--crop``, ``--mean``, ``--std``, ``--scale``, ``--interpolation``,
     ``--grayscale``) and checks them with ``check``.
     """
@@ -139,10 +152,16 @@ class Preprocessing:
         if min(self.crop) > self.resize:
             raise ContractError(f"crop {self.crop[0]}x{self.crop[1]} is larger than the resize "
                                 f"{self.resize} (the shorter side before cropping)")
-        if len(self.mean) != 3 or not finite(self.mean):
-            raise ContractError(f"mean must be three finite numbers (R,G,B), not {self.mean!r}")
-        if len(self.std) != 3 or not finite(self.std) or min(self.std) <= 0:
-            raise ContractError(f"std must be three positive numbers (R,G,B), not {self.std!r}")
+        if self.grayscale not in GRAYSCALE_MODES:
+            raise ContractError(f"grayscale {self.grayscale!r} is not supported; choose one "
+                                f"of: {', '.join(GRAYSCALE_MODES)}")
+        n = self.channels
+        what = "three finite numbers (R,G,B)" if n == 3 else "one finite number (grayscale)"
+        if len(self.mean) != n or not finite(self.mean):
+            raise ContractError(f"mean must be {what}, not {self.mean!r}")
+        if len(self.std) != n or not finite(self.std) or min(self.std) <= 0:
+            raise ContractError(f"std must be {what.replace('finite', 'positive')}, not "
+                                f"{self.std!r}")
         if not finite([self.scale]) or self.scale <= 0:
             raise ContractError(f"scale must be a positive number, not {self.scale!r}")
         if self.channel_order != "RGB":
@@ -151,10 +170,12 @@ class Preprocessing:
         if self.interpolation not in INTERPOLATIONS:
             raise ContractError(f"interpolation {self.interpolation!r} is not supported; "
                                 f"choose one of: {', '.join(INTERPOLATIONS)}")
-        if self.grayscale not in GRAYSCALE_MODES:
-            raise ContractError(f"grayscale {self.grayscale!r} is not supported; choose one "
-                                f"of: {', '.join(GRAYSCALE_MODES)}")
         return self
+
+    @property
+    def channels(self) -> int:
+        """C of the ``image`` input: 1 with ``grayscale="single"``, else 3."""
+        return 1 if self.grayscale == SINGLE else 3
 
     @classmethod
     def imagenet(cls, size: int) -> "Preprocessing":

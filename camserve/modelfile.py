@@ -12,6 +12,7 @@ both open files through here. Imports onnx, never onnxruntime.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,12 +57,20 @@ class Explainer:
     file: ModelFile
 
 
+def _uid() -> str:
+    return str(os.geteuid()) if hasattr(os, "geteuid") else "?"
+
+
 def read(path: str | Path) -> ModelFile:
     """The file's protobuf and digest from one read; ContractError when it cannot be read,
     is not ONNX, or names external data outside its own folder (``../`` or absolute)."""
     path = Path(path)
     try:
         data = path.read_bytes()
+    except PermissionError as exc:
+        raise ContractError(f"{path.name}: cannot be read (permission denied: the server runs "
+                            f"as uid {_uid()}; make the file readable (chmod a+r))"
+                            ) from exc
     except OSError as exc:
         raise ContractError(f"{path.name}: cannot be read ({exc.strerror or exc})") from exc
     try:
@@ -133,10 +142,11 @@ def read_card(model: onnx.ModelProto, source: str) -> ModelCard:
     if missing:
         raise ContractError(f"{source}: outputs {missing} are missing")
     dims = inputs[contract.IMAGE].type.tensor_type.shape.dim
-    declared = [d.dim_value for d in dims[2:]]
-    if len(dims) != 4 or tuple(declared) != tuple(card.input_size):
-        raise ContractError(f"{source}: input 'image' is not [B,3,{card.input_size[0]},"
-                            f"{card.input_size[1]}]")
+    declared = [d.dim_value for d in dims[1:]]
+    channels = card.preprocessing.channels  # 1 for grayscale "single", else 3
+    if len(dims) != 4 or tuple(declared) != (channels, *card.input_size):
+        raise ContractError(f"{source}: input 'image' is not [B,{channels},"
+                            f"{card.input_size[0]},{card.input_size[1]}]")
     return card
 
 
@@ -154,12 +164,13 @@ def read_saliency_card(model: onnx.ModelProto, source: str) -> tuple[ModelCard, 
     if missing:
         raise ContractError(f"{source}: outputs {missing} are missing")
     height, width = card.input_size
+    c = card.preprocessing.channels
     image, grads = inputs[contract.IMAGE], outputs[contract.INPUT_GRADIENTS]
-    if len(image) != 4 or image[1:] != [3, height, width]:
-        raise ContractError(f"{source}: input 'image' is not [B,3,{height},{width}]")
-    if len(grads) != 5 or grads[2:] != [3, height, width]:
+    if len(image) != 4 or image[1:] != [c, height, width]:
+        raise ContractError(f"{source}: input 'image' is not [B,{c},{height},{width}]")
+    if len(grads) != 5 or grads[2:] != [c, height, width]:
         raise ContractError(f"{source}: output {contract.INPUT_GRADIENTS!r} is not "
-                            f"[B,K,3,{height},{width}]")
+                            f"[B,K,{c},{height},{width}]")
     return card, owner
 
 

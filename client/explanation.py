@@ -24,6 +24,9 @@ from camserve.explain.regions import DEFAULT_THRESHOLD, Region, find_regions, th
 if TYPE_CHECKING:  # typing only: the pipeline module is not needed to draw a map
     from camserve.explain.pipeline import Explained, Target
 
+FLAT_MAP_RANGE = 1e-3  # max - min of a [0, 1] map below this: ``is_flat``
+FLAT_MAP_HINT = ("the map is flat (nearly constant): this method or layer does not localise "
+                 "on this model; try another layer (--layer / layers=) or method")
 _COLORMAPS = {"jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO,
               "inferno": cv2.COLORMAP_INFERNO, "viridis": cv2.COLORMAP_VIRIDIS,
               "hot": cv2.COLORMAP_HOT}
@@ -40,18 +43,42 @@ class Explanation:
     A response with space "none" (CamSpace NO_MAP) has no map: ``cam_input`` is None and
     everything drawn or measured from the map raises a CallerError. ``server_regions`` are
     the regions the server computed (``regions=True``), in photo pixels, largest peak first.
+
+    A ``fuse`` result has ``class_indices`` of all its parts (``class_index`` is the first
+    part's), a label "a + b", and no ``logit`` or ``probability`` (None): those belong to one
+    class. ``is_flat`` says the map carries no localisation (constant: try another layer or
+    method).
     """
 
     class_index: int
     label: str
-    logit: float
-    probability: float
+    logit: float | None
+    probability: float | None
     cam_input: np.ndarray | None
     geometry: Geometry
     request_id: str = ""
     model: str = ""
     method: str = DEFAULT_METHOD
     server_regions: tuple[Region, ...] = ()
+    class_indices: tuple[int, ...] = ()  # a fused map's classes; () means (class_index,)
+
+    def __post_init__(self) -> None:
+        if not self.class_indices:
+            object.__setattr__(self, "class_indices", (int(self.class_index),))
+
+    @property
+    def fused(self) -> bool:
+        """A ``fuse`` of several explanations."""
+        return len(self.class_indices) > 1
+
+    @property
+    def is_flat(self) -> bool:
+        """The map is (nearly) constant: it points nowhere. Common for methods or layers that
+        do not suit a model (e.g. scorecam on a late, low-resolution layer): try another
+        ``layers=`` or ``method=``. False without a map."""
+        if self.cam_input is None or self.cam_input.size == 0:
+            return False
+        return float(np.ptp(self.cam_input)) < FLAT_MAP_RANGE
 
     @property
     def cam(self) -> np.ndarray:
@@ -108,7 +135,10 @@ class Explanation:
             regions = self.regions(threshold)
         return {
             "class_index": int(self.class_index), "label": self.label,
-            "logit": float(self.logit), "probability": float(self.probability),
+            "class_indices": [int(c) for c in self.class_indices], "fused": self.fused,
+            "logit": None if self.logit is None else float(self.logit),
+            "probability": None if self.probability is None else float(self.probability),
+            "flat": self.is_flat,
             "model": self.model, "method": self.method, "request_id": self.request_id,
             "threshold": threshold,
             "boxes": [list(r.box) for r in regions],
@@ -143,7 +173,9 @@ def from_targets(targets: Iterable[Target], geometry: Geometry, *, model: str, m
 def fuse(explanations: Sequence[Explanation], how: str = "max") -> Explanation:
     """One map for several targets of the same image: element-wise max (or mean).
 
-    The result's class fields describe the first explanation; its label joins all labels.
+    The result says it is fused: ``class_indices`` lists every part's class (``class_index``
+    is the first's), the label joins all labels ("a + b"), ``logit`` and ``probability`` are
+    None (they belong to one class, not to the fused map).
     """
     if not explanations:
         raise ValueError("fuse needs at least one explanation")
@@ -160,9 +192,10 @@ def fuse(explanations: Sequence[Explanation], how: str = "max") -> Explanation:
     else:
         raise ValueError(f"unknown fusion {how!r}; choose max or mean")
     first = explanations[0]
-    return Explanation(first.class_index, " + ".join(e.label for e in explanations), first.logit,
-                       first.probability, fused.astype(np.float32), geometry,
-                       first.request_id, first.model, first.method)
+    classes = tuple(c for e in explanations for c in e.class_indices)
+    return Explanation(first.class_index, " + ".join(e.label for e in explanations), None,
+                       None, fused.astype(np.float32), geometry, first.request_id, first.model,
+                       first.method, class_indices=classes)
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:

@@ -54,15 +54,19 @@ def add_parser(subparsers) -> None:
                      help="resize the shorter side to N pixels before cropping")
     pre.add_argument("--crop", metavar="H[xW]",
                      help="center crop, the model input size (H alone: square)")
-    pre.add_argument("--mean", metavar="R,G,B", help="per-channel mean, after --scale")
-    pre.add_argument("--std", metavar="R,G,B", help="per-channel standard deviation")
+    pre.add_argument("--mean", metavar="R,G,B", help="per-channel mean, after --scale (one "
+                     "value with --grayscale single)")
+    pre.add_argument("--std", metavar="R,G,B", help="per-channel standard deviation (one "
+                     "value with --grayscale single)")
     pre.add_argument("--scale", metavar="X",
                      help="multiply pixel values 0..255 by X first (default 1/255; 1 for "
                           "models trained on 0..255)")
     pre.add_argument("--interpolation", metavar="bilinear|bicubic",
                      help="resampling of the resize (antialiased as PIL)")
-    pre.add_argument("--grayscale", metavar="replicate",
-                     help="what a grayscale photo becomes: replicate (to three channels)")
+    pre.add_argument("--grayscale", metavar="replicate|single",
+                     help="replicate: a grayscale photo becomes three equal channels (the "
+                          "default); single: the model takes ONE channel [B,1,H,W] and the "
+                          "server turns every photo into luma (0.299 R + 0.587 G + 0.114 B)")
     p.add_argument("--input-gradients", action="store_true",
                    help="also write NAME.saliency.onnx, the gradients of the class logits "
                         "with respect to the input image (for saliency, SmoothGrad, "
@@ -207,15 +211,17 @@ def _preprocessing(args: argparse.Namespace, base):
         resize = round(min(crop) * base.resize / min(base.crop))
     else:
         resize = base.resize
+    grayscale = args.grayscale if args.grayscale is not None else base.grayscale
+    n = 1 if grayscale == "single" else 3
     spec = Preprocessing(
         resize=resize, crop=crop,
-        mean=_triple("--mean", args.mean) if args.mean is not None else base.mean,
-        std=_triple("--std", args.std) if args.std is not None else base.std,
+        mean=_values("--mean", args.mean, n) if args.mean is not None else _fit(base.mean, n),
+        std=_values("--std", args.std, n) if args.std is not None else _fit(base.std, n),
         scale=_number("--scale", args.scale) if args.scale is not None else base.scale,
         channel_order=base.channel_order,
         interpolation=(args.interpolation if args.interpolation is not None
                        else base.interpolation),
-        grayscale=args.grayscale if args.grayscale is not None else base.grayscale)
+        grayscale=grayscale)
     try:
         return spec.check()
     except ContractError as exc:
@@ -234,11 +240,19 @@ def _number(flag: str, text: str) -> float:
     return value
 
 
-def _triple(flag: str, text: str) -> tuple[float, float, float]:
+def _values(flag: str, text: str, n: int) -> tuple[float, ...]:
     parts = [part for part in re.split(r"[,\s]+", text.strip()) if part]
-    if len(parts) != 3:
-        raise _flag_error(flag, text, f"needs three numbers R,G,B, not {len(parts)}")
-    return tuple(_number(flag, part) for part in parts)  # type: ignore[return-value]
+    if len(parts) != n:
+        what = "three numbers R,G,B" if n == 3 else "one number (--grayscale single)"
+        raise _flag_error(flag, text, f"needs {what}, not {len(parts)}")
+    return tuple(_number(flag, part) for part in parts)
+
+
+def _fit(values: tuple[float, ...], n: int) -> tuple[float, ...]:
+    """The architecture's per-channel values for ``n`` channels: their mean for one."""
+    if len(values) == n:
+        return values
+    return (float(sum(values)) / len(values),) if n == 1 else (values[0],) * n
 
 
 def _flag_error(flag: str, text: str, why: str):

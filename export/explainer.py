@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,7 +59,8 @@ def export_explainer(
 ) -> ExportResult:
     """Write ``path``: the explainer graph of ``model`` with its metadata.
 
-    ``model`` maps float32 [B,3,H,W] to logits [B,N]. ``target_layers`` are submodule
+    ``model`` maps float32 [B,3,H,W] to logits [B,N] ([B,1,H,W] when ``preprocess`` says
+    ``grayscale="single"``). ``target_layers`` are submodule
     names (default: the last convolutional block). ``input_size`` is H = W or (H, W);
     ``labels`` default to "class <i>"; ``preprocess`` defaults to the ImageNet evaluation
     transform at that size. The file appears whole or not at all.
@@ -89,15 +91,18 @@ def export_explainer(
                           f"{', '.join(contract.PRECISIONS)}")
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     model = model.eval()
-    example = torch.zeros(1, 3, height, width)
+    channels = preprocess.channels if preprocess is not None else 3  # 1: grayscale single
+    example = torch.zeros(1, channels, height, width)
     try:
         found = layers.candidates(model, example)
     except Exception as exc:  # whatever the network raises for an input it does not take
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         last = f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__
-        raise ExportError(f"the model rejects an input of size [1,3,{height},{width}] "
-                          f"({last}); pass the size it was built for (--input-size or "
-                          "--crop)") from exc
+        hint = ("pass the size it was built for (--input-size or --crop)"
+                if "channel" not in last else "a one-channel model: --grayscale single"
+                if channels == 3 else "the model takes three channels: drop --grayscale single")
+        raise ExportError(f"the model rejects an input of size [1,{channels},{height},"
+                          f"{width}] ({last}); {hint}") from exc
     chosen_default = not target_layers
     names = [layers.default_layer(found)] if chosen_default else list(target_layers or [])
     chosen = layers.check_layers(names, found, [n for n, _ in model.named_modules() if n])
@@ -315,6 +320,18 @@ def _write_atomically(files: list[tuple[onnx.ModelProto, Path]]) -> None:
         raise
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def default_file_mode() -> int:
+    """0o666 less the process umask: the mode ``open()`` would give a new file (mkstemp's
+    temporary files are 0600). Reading the umask means setting it, hence the lock."""
+    with _UMASK_LOCK:
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_temp(model: onnx.ModelProto, path: Path) -> Path:
     """``model`` saved to a hidden temporary file next to ``path``."""
     if model.ByteSize() > 2**31 - 1:
@@ -327,6 +344,7 @@ def _write_temp(model: onnx.ModelProto, path: Path) -> Path:
         raise ExportError(f"cannot write into {str(path.parent)!r}: {exc.strerror}") from exc
     os.close(handle)
     try:
+        os.chmod(temp, default_file_mode())  # mkstemp's 0600 would survive the rename
         onnx.save_model(model, temp)
     except OSError as exc:
         Path(temp).unlink(missing_ok=True)

@@ -100,12 +100,20 @@ def _load_state_dict(module: torch.nn.Module, path: str | Path, arch: str) -> st
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"weights file {str(path)!r} does not exist")
+    found = "a state_dict"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state, found = load_file(str(path), device="cpu"), "a safetensors state_dict"
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError as exc:
+        raise ModelLoadError(f"reading {str(path)!r} needs safetensors: pip install "
+                             "safetensors") from exc
     except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
         raise ModelLoadError(f"cannot read weights {str(path)!r} as a PyTorch state_dict: "
                              f"{_first_line(exc)}") from exc
-    found = "a state_dict"
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):

@@ -22,6 +22,7 @@ import onnx
 
 from camserve import contract, modelfile
 from camserve.errors import ContractError, OperatorError
+from camserve.export.explainer import default_file_mode
 from camserve.modelfile import CompanionFileError
 from camserve.onnxgraph import stored_tensors
 
@@ -132,6 +133,7 @@ def _copy_atomically(source: Path, target: Path) -> None:
     fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(fd)
     try:
+        os.chmod(temp, default_file_mode())  # mkstemp's 0600 would survive the rename
         shutil.copyfile(source, temp)
         os.replace(temp, target)
     except BaseException:
@@ -142,6 +144,7 @@ def _copy_atomically(source: Path, target: Path) -> None:
 def _write_atomically(text: str, target: Path) -> None:
     fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     try:
+        os.chmod(temp, default_file_mode())  # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(temp, target)

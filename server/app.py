@@ -25,7 +25,7 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from camserve.errors import CamserveError, OperatorError
 from camserve.explain.pipeline import Limits
@@ -193,7 +193,9 @@ def _listen(config: ServerConfig, repository: ModelRepository, gate: Gate,
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
                # accept the SDK's keepalive pings (every 30 s) on a quiet long call
-               ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+               ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+               # Linux gRPC sets SO_REUSEPORT: a second server would silently share the port
+               ("grpc.so_reuseport", 0)]
     options += connection_age_options(config)
     interceptors = [gate] + ([TokenAuthInterceptor(token)] if token else [])
     # gRPC answers RESOURCE_EXHAUSTED at once to calls beyond workers + queue
@@ -203,8 +205,7 @@ def _listen(config: ServerConfig, repository: ModelRepository, gate: Gate,
     service = ExplainerService(repository, Limits())
     pb_grpc.add_ExplainerServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (EXPLAINER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    _enable_reflection(server)
     address = f"{config.host}:{config.port}"
     try:
         port = (server.add_secure_port(address, credentials) if credentials is not None
@@ -216,14 +217,55 @@ def _listen(config: ServerConfig, repository: ModelRepository, gate: Gate,
     if port == 0:
         raise PortError(f"cannot bind {address}{reason}: is another server using the port?")
     running = RunningServer(server, port, health_servicer, service, config, gate)
+    try:
+        _listen_aside(running, repository, config)
+    except BaseException:
+        # a failed start releases what it bound: the next try may use the same ports. gRPC
+        # frees a bound port only when a started server stops; the closed gate refuses any
+        # call in between
+        if running.health_server is not None:
+            running.health_server.stop(None).wait()
+        gate.close()
+        server.start()
+        server.stop(None).wait()
+        raise
+    return running
+
+
+def _listen_aside(running: RunningServer, repository: ModelRepository,
+                  config: ServerConfig) -> None:
+    """The health-only server and the metrics exporter, when the config asks for them."""
     if config.health_port is not None:
         running.health_server, running.health_port = _health_server(
-            health_servicer, config.host, config.health_port)
+            running.health, config.host, config.health_port)
         log.info("health only on %s:%d (plaintext)", config.host, running.health_port)
     if config.metrics_port is not None:
-        running.metrics_port = repository.metrics.serve(config.metrics_port, config.host)
+        try:
+            running.metrics_port = repository.metrics.serve(config.metrics_port, config.host)
+        except OSError as exc:
+            raise PortError(f"cannot bind the metrics port {config.host}:"
+                            f"{config.metrics_port} ({exc.strerror or exc}): is another "
+                            "server using the port?") from None
         log.info("metrics on http://%s:%d/metrics", config.host, running.metrics_port)
-    return running
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(server: grpc.Server) -> None:
+    """Server reflection under both names: grpc.reflection.v1 (what grpcurl and current
+    tools ask first) and v1alpha. The installed grpcio-reflection ships v1alpha only; v1 is
+    the same protocol under a new package (identical messages and field numbers), so the
+    same servicer answers it."""
+    names = (EXPLAINER_SERVICE, health.SERVICE_NAME, REFLECTION_V1, reflection.SERVICE_NAME)
+    servicer = reflection.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    info = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        REFLECTION_V1, {"ServerReflectionInfo": info}),))
 
 
 HEALTH_WORKERS = 2  # health checks are answered from memory; two threads keep up
@@ -235,7 +277,8 @@ def _health_server(servicer: health.HealthServicer, host: str,
     limit of its own (the main server's limit refuses health checks when it is
     saturated)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS,
-                                                    thread_name_prefix="health"))
+                                                    thread_name_prefix="health"),
+                         options=[("grpc.so_reuseport", 0)])  # the port is ours alone
     # Check only: a Watch stream would hold one of the few threads for as long as it lasts
     check = grpc.unary_unary_rpc_method_handler(
         servicer.Check, request_deserializer=health_pb2.HealthCheckRequest.FromString,

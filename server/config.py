@@ -69,6 +69,12 @@ class ServerConfig:
         None, "after --max-connection-age: how long the calls and streams still running on a "
         "closed connection may take to finish before they are cancelled (default: no limit)",
         metavar="SECONDS")
+    max_inflight_mb: float | None = _option(
+        None, "memory budget of the requests in flight, in MiB: each request's peak memory "
+        "is estimated before it is admitted (decoded frame, preprocessing copies, smoothing "
+        "and Score-CAM batches, maps), and one that would take the total over the budget is "
+        "refused with RESOURCE_EXHAUSTED at once (default: a quarter of physical memory; "
+        "0: no budget)", metavar="MIB")
 
     def with_(self, **changes: Any) -> "ServerConfig":
         """A copy with ``changes`` (``dataclasses.replace``)."""

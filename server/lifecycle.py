@@ -1,4 +1,5 @@
-"""The server's gate: calls in flight counted per model generation, refused once closing.
+"""The server's gate: calls in flight counted per model generation, refused once closing;
+and its memory budget: requests admitted while their estimated peak memory fits.
 
 ``Gate`` is a gRPC interceptor in front of every service but health and reflection. Stopping
 closes it (new calls get UNAVAILABLE, so a client retries another replica) and waits for the
@@ -9,13 +10,21 @@ are done (``wait_idle(upto=...)``).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 import grpc
 
+from camserve.errors import LimitError
 from camserve.server.security import is_open, refusal
+
+log = logging.getLogger("camserve.server")
+MIB = 1024 * 1024
 
 SETTLE_SECONDS = 0.1  # on stop: quiet time that proves no admitted call is still queued
 
@@ -130,3 +139,51 @@ class Gate(grpc.ServerInterceptor):
                 if self._started == started:
                     return True
         return False
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory (os.sysconf), None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+class MemoryBudget:
+    """Admits requests while the sum of their estimated peak memory stays within ``limit``
+    bytes (None: no budget); ``admit`` raises LimitError (RESOURCE_EXHAUSTED) at once, with
+    the numbers, for one that does not fit now."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self.in_flight = 0  # bytes admitted and not yet released
+
+    @classmethod
+    def from_mb(cls, mb: float | None) -> MemoryBudget:
+        """``--max-inflight-mb``: None -> a quarter of physical memory, 0 -> no budget."""
+        if mb is None:
+            memory = physical_memory()
+            return cls(memory // 4 if memory else None)
+        return cls(round(mb * MIB) if mb > 0 else None)
+
+    @contextlib.contextmanager
+    def admit(self, estimate: int) -> Iterator[None]:
+        if self.limit is None:
+            yield
+            return
+        with self._lock:
+            total = self.in_flight + estimate
+            if total > self.limit:
+                raise LimitError(
+                    f"the request needs about {estimate / MIB:.1f} MiB (estimated) and "
+                    f"{self.in_flight / MIB:.1f} MiB are in use by requests in flight; the "
+                    f"server's budget is {self.limit / MIB:.1f} MiB (--max-inflight-mb)"
+                    + ("" if estimate <= self.limit else ": this request never fits; send "
+                       "a smaller image or fewer smoothing samples or targets"))
+            self.in_flight = total
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= estimate

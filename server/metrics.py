@@ -34,6 +34,8 @@ class Metrics:
             self.stage_seconds.labels(stage).observe(micros / 1e6)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Start the HTTP exporter; returns the bound port."""
+        """Start the HTTP exporter; returns the bound port. A busy port is an OSError
+        (EADDRINUSE: the exporter sets no SO_REUSEPORT), which ``camserve.server.app``
+        reports as a one-line ``PortError``."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server.server_port

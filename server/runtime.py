@@ -146,7 +146,9 @@ class ExplainerModel:
 
     def warm_up(self) -> None:
         height, width = self.card.input_size
-        image, targets = np.zeros((1, 3, height, width), np.float32), np.full((1, 1), -1, np.int64)
+        channels = self.card.preprocessing.channels  # 1 for a one-channel model
+        image = np.zeros((1, channels, height, width), np.float32)
+        targets = np.full((1, 1), -1, np.int64)
         self.run(image, targets, [layer.name for layer in self.card.layers])
         if self.saliency is not None:
             self.input_gradients(image, targets)

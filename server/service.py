@@ -17,8 +17,10 @@ import grpc
 
 from camserve.errors import CamserveError, status_name
 from camserve.explain import attributions, frames, methods
+from camserve.explain.budget import estimate_bytes
 from camserve.explain.pipeline import Limits, Pipeline
 from camserve.explain.response import to_response
+from camserve.server.lifecycle import MemoryBudget
 from camserve.server.metrics import Metrics
 from camserve.server.repository import ModelRepository
 from camserve.server.runtime import ExplainerModel
@@ -43,6 +45,8 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         self.repository = repository
         self.pipeline = Pipeline(limits or Limits())
         self.metrics = metrics or repository.metrics
+        # requests are admitted while their estimated peak memory fits (--max-inflight-mb)
+        self.budget = MemoryBudget.from_mb(repository.config.max_inflight_mb)
 
     # --- RPCs -----------------------------------------------------------------------------
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext):
@@ -72,7 +76,9 @@ class ExplainerService(pb_grpc.ExplainerServicer):
 
         def explain(request: pb.ExplainRequest, alive: Callable[[], bool]):
             model = self.repository.get(request.model)
-            return self.pipeline.explain(request, model, self.repository.runner(model), alive)
+            with self.budget.admit(estimate_bytes(request, model.card)):
+                return self.pipeline.explain(request, model, self.repository.runner(model),
+                                             alive)
 
         def failed(exc: Exception, request_id: str) -> pb.Error:
             code = status_of(exc)
@@ -129,15 +135,17 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         """Answer one request; ``alive`` says whether its caller still waits (a request
         whose deadline passed or that was cancelled is dropped before the graph runs)."""
         model = self.repository.get(request.model)
-        explained = self.pipeline.explain(request, model, self.repository.runner(model), alive)
-        return to_response(explained, request)
+        with self.budget.admit(estimate_bytes(request, model.card)):  # or RESOURCE_EXHAUSTED
+            explained = self.pipeline.explain(request, model, self.repository.runner(model),
+                                              alive)
+            return to_response(explained, request)
 
     def model_info(self, model: ExplainerModel) -> pb.ModelInfo:
         card = model.card
         p = card.preprocessing
         return pb.ModelInfo(
             name=model.name, version=model.version, architecture=card.architecture,
-            labels=card.labels, input_shape=[1, 3, *model.card.input_size],
+            labels=card.labels, input_shape=[1, card.preprocessing.channels, *card.input_size],
             preprocessing=pb.Preprocessing(
                 resize=p.resize, crop_height=p.crop[0], crop_width=p.crop[1], mean=p.mean,
                 std=p.std, scale=p.scale, channel_order=p.channel_order,

@@ -128,12 +128,13 @@ def zero_baseline(image: np.ndarray) -> np.ndarray:
 
 def black_baseline(preprocessing: Preprocessing, size: tuple[int, int] | None = None
                    ) -> np.ndarray:
-    """A black photo in preprocessed space, (0 * scale - mean) / std per channel -> [1,3,H,W]
-    (``size`` = (H, W), default the model's crop)."""
+    """A black photo in preprocessed space, (0 * scale - mean) / std per channel -> [1,C,H,W]
+    (``size`` = (H, W), default the model's crop; C = ``preprocessing.channels``)."""
     height, width = size or preprocessing.crop
     black = -np.asarray(preprocessing.mean, np.float32) / np.asarray(preprocessing.std,
                                                                      np.float32)
-    return np.ascontiguousarray(np.broadcast_to(black[None, :, None, None], (1, 3, height, width)))
+    return np.ascontiguousarray(np.broadcast_to(black[None, :, None, None],
+                                                (1, len(black), height, width)))
 
 
 def _path(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
@@ -164,8 +165,8 @@ def _path(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_image(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image, np.float32)
-    if image.ndim != 4 or image.shape[:2] != (1, 3):
-        raise CamserveError(f"an attribution explains one image [1,3,H,W], got "
+    if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] not in (1, 3):
+        raise CamserveError(f"an attribution explains one image [1,3,H,W] (or [1,1,H,W]), got "
                             f"{list(image.shape)}")
     return image
 

@@ -10,8 +10,9 @@
 targets); a ``Runner`` runs the graph (the model itself, or the server's dynamic batcher);
 ``Pipeline.finish`` turns the graph's outputs into maps with NumPy; ``response.to_response``
 encodes the result for the wire. The model is anything shaped like ``ExplainableModel``: an
-onnxruntime session in the server, a Triton endpoint in ``camserve.client.triton``. Imports numpy, OpenCV and protobuf only, so a client can run the
-same postprocessing next to a remote graph.
+onnxruntime session in the server, a Triton endpoint in ``camserve.client.triton``. Imports
+numpy, OpenCV and protobuf only, so a client can run the same postprocessing next to a
+remote graph.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from camserve.explain import attributions, methods
 from camserve.explain.frames import frame_to_rgb
 from camserve.explain.geometry import Geometry, resize_map, to_original
 from camserve.explain.image import DEFAULT_MAX_PIXELS, Decoded, decode_for, preprocess
-from camserve.explain.regions import DEFAULT_MAX_REGIONS, DEFAULT_THRESHOLD, Region, find_regions
+from camserve.explain.regions import Region, RegionQuery, find_regions, region_query
 from camserve.explain.smoothing import average_maps, perturbed_batch
 from camserve.v1 import explainer_pb2 as pb
 
@@ -129,15 +130,6 @@ class Job:
 
 
 @dataclass(frozen=True)
-class RegionQuery:
-    """``OutputOptions.regions`` with its defaults applied and checked."""
-
-    threshold: float
-    max_regions: int
-    min_area: float  # original-image pixels, compared with ``Region.area``
-
-
-@dataclass(frozen=True)
 class Target:
     """One explained class: its index, label, logit, softmax probability, map and regions."""
 
@@ -231,7 +223,7 @@ class Pipeline:
             samples = 0
         else:
             samples = self._samples(request.smoothing)
-        regions = self._regions(request)
+        regions = region_query(request, self.limits.max_regions)
         return Job(image, geometry, targets, method, fusion, layers, space, dtype, samples,
                     started, decoded, time.perf_counter_ns(), regions=regions)
 
@@ -265,28 +257,6 @@ class Pipeline:
                    "postprocess_us": (finished - job.inferred) // 1000}
         return Explained(model.name, model.version, job.method, job.layers, job.geometry,
                          targets, logits, per_layer, timings)
-
-    def _regions(self, request: pb.ExplainRequest) -> RegionQuery | None:
-        """``output.regions`` checked, its zeros replaced by the defaults (None: not asked)."""
-        options = request.output.regions
-        if not options.enabled:
-            return None
-        threshold = options.threshold or DEFAULT_THRESHOLD
-        if not (np.isfinite(threshold) and 0 < threshold <= 1):
-            raise CallerError(f"output.regions.threshold is a map level in (0, 1] (0: "
-                              f"{DEFAULT_THRESHOLD}), got {options.threshold}")
-        max_regions = options.max_regions or DEFAULT_MAX_REGIONS
-        if max_regions > self.limits.max_regions:
-            raise CallerError(f"output.regions.max_regions must be at most "
-                              f"{self.limits.max_regions} (0: {DEFAULT_MAX_REGIONS}), got "
-                              f"{options.max_regions}")
-        if not (np.isfinite(options.min_area) and options.min_area >= 0):
-            raise CallerError(f"output.regions.min_area is a number of original-image pixels "
-                              f">= 0, got {options.min_area}")
-        if request.raw_maps:
-            raise CallerError("output.regions threshold maps normalised to [0, 1]: unset "
-                              "raw_maps")
-        return RegionQuery(float(threshold), max_regions, float(options.min_area))
 
     def _check_attribution_size(self, request: pb.ExplainRequest, method: str,
                                 targets: int) -> None:
@@ -379,7 +349,7 @@ class Pipeline:
         if message.dtype != pb.FLOAT32:
             raise CamserveError(f"a preprocessed tensor must be FLOAT32, got "
                                 f"{tensors.dtype_name(message.dtype)}")
-        expected = [1, 3, height, width]
+        expected = [1, model.card.preprocessing.channels, height, width]
         if list(message.shape) != expected:
             raise CamserveError(f"a preprocessed tensor for model {model.name!r} must have "
                                 f"shape {expected}, got {list(message.shape)}")
@@ -389,12 +359,14 @@ class Pipeline:
         return array
 
     def _targets(self, request: pb.ExplainRequest, model: ExplainableModel) -> np.ndarray:
-        """The graph's ``targets`` row: explicit classes, then -1..-top_k."""
+        """The graph's ``targets`` row: explicit classes, then -1..-top_k. A negative class
+        -r is the contract's rank: the r-th highest logit (-1 = the predicted class)."""
         n = model.card.num_classes
-        bad = [c for c in request.classes if not 0 <= c < n]
+        bad = [c for c in request.classes if not -n <= c < n]
         if bad:
-            raise CamserveError(f"class index {bad[0]} is out of range: model {model.name!r} "
-                                f"has classes 0..{n - 1}")
+            raise CallerError(f"class index {bad[0]} is out of range: model {model.name!r} "
+                              f"has classes 0..{n - 1} (or ranks -1..-{n}: -r is the r-th "
+                              "highest logit)")
         top_k = request.top_k or (0 if request.classes else 1)
         if top_k > n:
             raise CamserveError(f"top_k {top_k} is larger than the {n} classes of the model")
@@ -443,65 +415,3 @@ def _as_received(cam: np.ndarray, dtype: int) -> np.ndarray:
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max())
     return shifted / shifted.sum()
-
-
-SCORECAM_CHUNK = 32  # masked images per Score-CAM / Ablation-CAM run (methods.Forward)
-
-
-def estimate_bytes(request: pb.ExplainRequest, card: ModelCard) -> int:
-    """A request's peak memory in bytes, estimated from what it declares before any work
-    (headers only, nothing decoded): the decoded frame (H x W x 3 from the image header or
-    the raw frame's size) and its copies while converting and preprocessing, the model input
-    (float32 [3,H,W]) times the images the request runs (smoothing copies, input-space
-    batches), the activations and gradients of its layers per image, Score-CAM's and
-    Ablation-CAM's masks and batches, and the maps (per image while smoothing). For
-    admission control: an upper bound of the right order, not an exact figure."""
-    from camserve.explain.image import declared_size
-
-    height, width = card.input_size
-    model_input = 3 * height * width * 4
-    kind = request.WhichOneof("image")
-    frame_h = frame_w = 0
-    received = 0
-    if kind == "encoded":
-        size = declared_size(request.encoded)
-        if size is not None:
-            _, frame_w, frame_h = size
-    elif kind == "pixels":
-        frame_h, frame_w = request.pixels.height, request.pixels.width
-        received = len(request.pixels.pixels)  # converted from, held alongside
-    frame = frame_h * frame_w * 3
-    # decoded + colour-converted frame, and the resized/cropped/normalised model input
-    before = received + 2 * frame + 3 * model_input
-    targets = min(max(1, len(request.classes) + request.top_k), max(1, card.num_classes))
-    method = request.method or methods.DEFAULT_METHOD
-    smoothing = request.smoothing
-    if method in attributions.METHODS:
-        try:
-            images = max(1, attributions.batch_size(
-                method, smoothing.noise_samples or attributions.SMOOTHGRAD_SAMPLES,
-                request.integrated_gradients.steps or attributions.IG_STEPS))
-        except (CamserveError, ValueError, KeyError):
-            images = 1
-        # each image's input and one input gradient per target, and the maps
-        return before + images * model_input * (1 + targets) + 2 * targets * model_input
-    images = 1
-    if smoothing.noise_samples or smoothing.horizontal_flip:
-        images = max(smoothing.noise_samples, 1) * (2 if smoothing.horizontal_flip else 1)
-    names = set(request.layers) or {layer.name for layer in card.layers}
-    shapes = [layer.shape for layer in card.layers if layer.name in names]
-    per_image = model_input + sum(4 * c * h * w * (1 + targets) for c, h, w in shapes)
-    space = request.output.space or pb.MODEL_INPUT
-    area = height * width
-    if space == pb.ORIGINAL_IMAGE and frame_h * frame_w:
-        area = max(area, frame_h * frame_w)
-    elif space == pb.FEATURE_MAP:
-        area = max((h * w for _, h, w in shapes), default=area)
-    maps = 4 * targets * area
-    extra = 0
-    if method == "scorecam":  # every channel upsampled to the input, a chunk of masked inputs
-        extra = max((4 * c * height * width for c, _, _ in shapes), default=0) + \
-            SCORECAM_CHUNK * model_input
-    elif method == "ablationcam":  # a chunk of ablated copies of the activations
-        extra = max((SCORECAM_CHUNK * 4 * c * h * w for c, h, w in shapes), default=0)
-    return before + images * (per_image + maps) + extra + 2 * maps

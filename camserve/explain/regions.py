@@ -30,6 +30,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from camserve.errors import CallerError
+from camserve.v1 import explainer_pb2 as pb
+
 DEFAULT_THRESHOLD = 0.6  # the source article's level (chest X-rays)
 DEFAULT_MAX_REGIONS = 16  # per target, on the wire
 POLYGON_TOLERANCE = 1.0  # pixels a simplified polygon may depart from the region's outline
@@ -83,3 +86,36 @@ def _peak(cam: np.ndarray, contour: np.ndarray, x: int, y: int, w: int, h: int) 
     inside = np.zeros((h, w), np.uint8)
     cv2.drawContours(inside, [contour], 0, 1, thickness=cv2.FILLED, offset=(-x, -y))
     return float(np.fmax.reduce(cam[y:y + h, x:x + w][inside.astype(bool)]))  # NaN-blind
+
+
+@dataclass(frozen=True)
+class RegionQuery:
+    """``OutputOptions.regions`` with its defaults applied and checked."""
+
+    threshold: float
+    max_regions: int
+    min_area: float  # original-image pixels, compared with ``Region.area``
+
+
+def region_query(request: pb.ExplainRequest, limit: int) -> RegionQuery | None:
+    """``output.regions`` of a request checked, its zeros replaced by the defaults (None: not
+    asked for); ``limit`` is the server's most regions per target."""
+    options = request.output.regions
+    if not options.enabled:
+        return None
+    threshold = options.threshold or DEFAULT_THRESHOLD
+    if not (np.isfinite(threshold) and 0 < threshold <= 1):
+        raise CallerError(f"output.regions.threshold is a map level in (0, 1] (0: "
+                          f"{DEFAULT_THRESHOLD}), got {options.threshold}")
+    max_regions = options.max_regions or DEFAULT_MAX_REGIONS
+    if max_regions > limit:
+        raise CallerError(f"output.regions.max_regions must be at most "
+                          f"{limit} (0: {DEFAULT_MAX_REGIONS}), got "
+                          f"{options.max_regions}")
+    if not (np.isfinite(options.min_area) and options.min_area >= 0):
+        raise CallerError(f"output.regions.min_area is a number of original-image pixels "
+                          f">= 0, got {options.min_area}")
+    if request.raw_maps:
+        raise CallerError("output.regions threshold maps normalised to [0, 1]: unset "
+                          "raw_maps")
+    return RegionQuery(float(threshold), max_regions, float(options.min_area))

@@ -20,13 +20,14 @@ from typing import TextIO
 from camserve.errors import OperatorError
 from camserve.server.cluster import envoy as envoy_config
 from camserve.server.config import ServerConfig
+from camserve.server.lifecycle import MIB, physical_memory
 
 REPLICA_HOST = "127.0.0.1"  # replicas are reached through Envoy only
 # the camserve serve options a cluster passes on to its replicas (``camserve cluster`` flags)
 REPLICA_OPTIONS = ("device", "intra_op_threads", "batching", "max_batch_size",
                    "max_queue_delay_ms", "workers", "max_queue", "default_model",
                    "auth_token_file", "grace_seconds", "max_connection_age",
-                   "max_connection_age_grace")
+                   "max_connection_age_grace", "max_inflight_mb")
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,19 @@ def replica_configs(config: ClusterConfig) -> list[ServerConfig]:
     """Each replica's ``ServerConfig``: the template on loopback, with a gRPC port and a
     health-only port chosen here (Envoy checks health there, which a saturated replica still
     answers) and its metrics port when ``metrics_port_base`` is set. The same ports serve a
-    replica's restarts."""
+    replica's restarts. Without a --max-inflight-mb of its own, each replica's memory budget
+    is its share of a quarter of the host's memory."""
     base = config.metrics_port_base
     metrics = [base + i if base is not None else None for i in range(config.replicas)]
+    template = config.replica
+    if template.max_inflight_mb is None:  # the replicas share the host's memory budget
+        memory = physical_memory()
+        if memory:
+            template = template.with_(
+                max_inflight_mb=round(memory / 4 / config.replicas / MIB, 1))
     taken = {p for p in (*metrics, config.port, config.admin_port) if p}  # bound later
     ports = free_ports(2 * config.replicas, avoid=taken)
-    return [config.replica.with_(host=REPLICA_HOST, port=ports[2 * i],
+    return [template.with_(host=REPLICA_HOST, port=ports[2 * i],
                                  health_port=ports[2 * i + 1], metrics_port=metrics[i])
             for i in range(config.replicas)]
 

@@ -196,14 +196,15 @@ def test_cli_explain_end_to_end(server, tmp_path, capsys):
 
     tile_width = round(photo.shape[1] * 256 / photo.shape[0])
     for tag in {"2", str(top1), "fused-max"}:
-        overlay = cv2.imread(str(out / f"photo_{tag}_overlay.png"))
+        overlay = cv2.imread(str(out / f"photo_{tag}_gradcam_overlay.png"))
         assert overlay is not None and overlay.shape == photo.shape
-        panel = cv2.imread(str(out / f"photo_{tag}_panel.png"))
+        panel = cv2.imread(str(out / f"photo_{tag}_gradcam_panel.png"))
         assert panel is not None
         assert abs(panel.shape[1] - 4 * tile_width) <= 4
         assert panel.shape[0] >= 256
     # the overlay PNG is the SDK's RGB overlay, saved in the right channel order
-    saved = cv2.cvtColor(cv2.imread(str(out / "photo_2_overlay.png")), cv2.COLOR_BGR2RGB)
+    saved = cv2.cvtColor(cv2.imread(str(out / "photo_2_gradcam_overlay.png")),
+                         cv2.COLOR_BGR2RGB)
     assert np.abs(saved.astype(int) - found[0].overlay(photo)).max() <= 2
 
     record = json.loads((out / "photo.json").read_text())
@@ -212,8 +213,9 @@ def test_cli_explain_end_to_end(server, tmp_path, capsys):
     assert [e["class_index"] for e in entries[:2]] == [2, top1]
     assert len(entries) == 3 and entries[2]["fused"] is True
     assert entries[0]["fused"] is False
+    assert entries[2]["probability"] is None  # a fused map has no one class's probability
     for e in entries:
-        assert 0.0 <= e["probability"] <= 1.0
+        assert e["fused"] or 0.0 <= e["probability"] <= 1.0
         assert isinstance(e["boxes"], list) and isinstance(e["contours"], list)
         assert e["image_size"] == [140, 90]
         for name in e["files"]:

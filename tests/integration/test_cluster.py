@@ -60,7 +60,7 @@ def work(i: int) -> tuple[bytes, list[int]]:
 def _validate(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path),
                            "--disable-hot-restart", "--log-level", "warn"],
-                          capture_output=True, text=True, timeout=60)
+                          check=False, capture_output=True, text=True, timeout=60)
 
 
 # --- deploy/envoy ---------------------------------------------------------------------------
@@ -447,6 +447,7 @@ def test_replica_command_lines_are_the_serve_config_rendered(models_dir):
     from camserve.server.cluster.children import Replica
     from camserve.server.cluster.cli import config_from
     from camserve.server.cluster.options import replica_configs
+    from camserve.server.lifecycle import physical_memory
 
     args = build_parser().parse_args([
         "cluster", "--models", str(models_dir), "--replicas", "2", "--device", "cpu",
@@ -464,9 +465,13 @@ def test_replica_command_lines_are_the_serve_config_rendered(models_dir):
         argv = replica.argv()
         assert argv[1:4] == ["-m", "camserve", "serve"]
         served = serve_config.from_args(build_parser().parse_args(argv[3:]))
+        # without --max-inflight-mb, each replica's memory budget is its share of a quarter
+        # of the host's memory
+        share = replica.config.max_inflight_mb
+        assert share and abs(share - physical_memory() / 4 / 2 / 2**20) < 1
         assert served == replica.config == config.replica.with_(
             host="127.0.0.1", port=replica.port, health_port=replica.health_port,
-            metrics_port=replica.metrics_port)
+            metrics_port=replica.metrics_port, max_inflight_mb=share)
 
 
 def test_restart_delay_doubles_while_a_child_keeps_failing():

@@ -130,8 +130,9 @@ def test_demo_script(lite0_dir, tmp_path):
     assert "done:" in done.stdout
 
     names = {p.name for p in out.iterdir()}
-    for name in ("cat_285_panel.png", "cat_281_panel.png", "cat_fused-max_panel.png",
-                 "cat_285_overlay.png", "cat.json", "coffee.json"):
+    for name in ("cat_285_gradcam_panel.png", "cat_281_gradcam_panel.png",
+                 "cat_fused-max_gradcam_panel.png", "cat_285_gradcam_overlay.png", "cat.json",
+                 "coffee.json"):
         assert name in names, sorted(names)
     coffee_panels = [n for n in names if n.startswith("coffee_") and n.endswith("_panel.png")]
     assert len(coffee_panels) == 1, sorted(names)
@@ -142,8 +143,9 @@ def test_demo_script(lite0_dir, tmp_path):
     coffee = json.loads((out / "coffee.json").read_text())
     assert len(coffee["explanations"]) == 1
     assert coffee["explanations"][0]["class_index"] in CUPS
-    assert coffee_panels[0] == f"coffee_{coffee['explanations'][0]['class_index']}_panel.png"
+    assert coffee_panels[0] == \
+        f"coffee_{coffee['explanations'][0]['class_index']}_gradcam_panel.png"
 
-    panel = cv2.imread(str(out / "cat_285_panel.png"))
+    panel = cv2.imread(str(out / "cat_285_gradcam_panel.png"))
     tile = round(451 * 256 / 300)
     assert panel is not None and abs(panel.shape[1] - 4 * tile) <= 4

@@ -35,33 +35,35 @@ PACKAGE = '''
 import torch
 
 
-class _NoGrad(torch.autograd.Function):
-    """Local response normalisation that exports as the ONNX operator LRN."""
+class _RoiMax(torch.autograd.Function):
+    """A global max pool that exports as the ONNX operator MaxRoiPool (onnx-ad has no
+    derivative for it)."""
 
     @staticmethod
     def forward(ctx, x):
-        return torch.nn.functional.local_response_norm(x, 2)
+        return x.amax(dim=(2, 3), keepdim=True)
 
     @staticmethod
     def symbolic(g, x):
-        return g.op("LRN", x, size_i=2)
+        rois = g.op("Constant", value_t=torch.tensor([[0.0, 0.0, 0.0, 1e4, 1e4]]))
+        return g.op("MaxRoiPool", x, rois, pooled_shape_i=[1, 1])
 
 
-class LRN(torch.nn.Module):
+class RoiMax(torch.nn.Module):
     def forward(self, x):
-        return _NoGrad.apply(x)
+        return _RoiMax.apply(x)
 
 
 class SmallNet(torch.nn.Module):
-    def __init__(self, num_classes=5, width=8, mode="plain"):
+    def __init__(self, num_classes=5, width=8, mode="plain", in_channels=3):
         super().__init__()
         self.mode = mode
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.BatchNorm2d(width),
+            torch.nn.Conv2d(in_channels, width, 3, padding=1), torch.nn.BatchNorm2d(width),
             torch.nn.ReLU(), torch.nn.MaxPool2d(2),
             torch.nn.Conv2d(width, 2 * width, 3, padding=1), torch.nn.BatchNorm2d(2 * width),
             torch.nn.SiLU())
-        self.norm = LRN() if mode == "lrn" else None
+        self.norm = RoiMax() if mode == "roi" else None
         self.pool = torch.nn.AdaptiveAvgPool2d(1)
         self.fc = torch.nn.Linear(2 * width, num_classes)
 
@@ -89,9 +91,9 @@ class FixedSize(torch.nn.Module):
         return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
 
 
-def make(num_classes=5, width=8, mode="plain"):
+def make(num_classes=5, width=8, mode="plain", in_channels=3):
     torch.manual_seed(0)
-    model = SmallNet(num_classes, width, mode)
+    model = SmallNet(num_classes, width, mode, in_channels)
     with torch.no_grad():  # non-trivial batch-norm statistics
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -250,7 +252,7 @@ def test_preprocessing_flags_recorded_served_and_reported(package, tmp_path, cap
             assert np.allclose(p.mean, [0.5, 0.4, 0.3]) and np.allclose(p.std, [0.2, 0.25, 0.3])
             assert p.scale == pytest.approx(1 / 255)
             assert (p.interpolation, p.grayscale) == ("bicubic", "replicate")
-            assert list(info.input_shape) == [1, 3, 32, 36] and list(info.labels)[0] == "a"
+            assert list(info.input_shape) == [1, 3, 32, 36] and info.labels[0] == "a"
             rng = np.random.default_rng(1)
             photo = cv2.resize(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8), (100, 60),
                                interpolation=cv2.INTER_CUBIC)
@@ -281,9 +283,9 @@ def _failure(tmp_path, capsys, argv, *fragments):
 
 
 @pytest.mark.parametrize("case", [
-    "layer_not_a_module", "tuple", "dict", "bad_output_key", "input_size", "lrn",
+    "layer_not_a_module", "tuple", "dict", "bad_output_key", "input_size", "not_differentiable",
     "labels_count", "weights_keys", "factory_fails", "no_factory", "no_package",
-    "crop", "mean", "std", "scale", "resize", "interpolation", "grayscale"])
+    "crop", "mean", "std", "scale", "resize", "interpolation", "grayscale", "channels"])
 def test_failures_say_what_to_do(package, tmp_path, capsys, case):
     module = ["--module", "mynets.nets:make", "--crop", "32"]
     if case == "layer_not_a_module":
@@ -301,9 +303,9 @@ def test_failures_say_what_to_do(package, tmp_path, capsys, case):
     elif case == "input_size":
         _failure(tmp_path, capsys, ["--module", "mynets.nets:fixed", "--crop", "48"],
                  "rejects an input of size [1,3,48,48]", "RuntimeError: ", "--input-size")
-    elif case == "lrn":
-        _failure(tmp_path, capsys, [*module, "--factory-arg", "mode='lrn'"],
-                 "ONNX operator LRN", "module 'norm' (LRN)", "--layer")
+    elif case == "not_differentiable":
+        _failure(tmp_path, capsys, [*module, "--factory-arg", "mode='roi'"],
+                 "ONNX operator MaxRoiPool", "module 'norm' (RoiMax)", "--layer")
     elif case == "labels_count":
         labels = tmp_path / "labels.txt"
         labels.write_text("a\nb\nc\n")
@@ -320,11 +322,14 @@ def test_failures_say_what_to_do(package, tmp_path, capsys, case):
                  "make(width=-1) failed: RuntimeError")
     elif case == "no_factory":
         _failure(tmp_path, capsys, ["--module", "mynets.nets:maek"], "has no 'maek'", "make")
+    elif case == "channels":
+        _failure(tmp_path, capsys, [*module, "--factory-arg", "in_channels=1"],
+                 "[1,3,32,32]", "--grayscale single")
     elif case == "no_package":
         _failure(tmp_path, capsys, ["--module", "nowhere.nets:make"], "cannot import")
     else:
         value = {"crop": "0x32", "mean": "0.5,0.5", "std": "0.2,0,0.2", "scale": "abc",
-                 "resize": "16", "interpolation": "nearest", "grayscale": "single"}[case]
+                 "resize": "16", "interpolation": "nearest", "grayscale": "none"}[case]
         _failure(tmp_path, capsys, [*module, f"--{case}", value], case)
 
 
@@ -352,7 +357,7 @@ def test_output_picks_the_logits(package, tmp_path, capsys):
 @pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
 def test_timm_model_with_random_weights(tmp_path, capsys):
     out = tmp_path / "out"
-    code, stdout, err = _cli(capsys, "--timm", "resnet10t", "--input-size", "64",
+    code, _, err = _cli(capsys, "--timm", "resnet10t", "--input-size", "64",
                              "--out", str(out))
     assert code == 0, err
     assert "RANDOM" in err and "timm model resnet10t" in err
@@ -361,7 +366,78 @@ def test_timm_model_with_random_weights(tmp_path, capsys):
     assert card.preprocessing.crop == (64, 64)
     session = ort.InferenceSession(str(out / "resnet10t.onnx"),
                                    providers=["CPUExecutionProvider"])
-    logits, classes, activations, gradients = session.run(
+    logits, _, activations, gradients = session.run(
         None, {"image": np.zeros((1, 3, 64, 64), np.float32),
                "targets": np.array([[-1]], np.int64)})
     assert logits.shape == (1, 1000) and gradients.shape == (1, 1, *activations.shape[1:])
+
+
+# --- 5. one-channel models: --grayscale single ----------------------------------------------
+
+def test_one_channel_model(package, tmp_path, capsys):
+    from camserve import tensors
+    from camserve.server.app import start
+    from camserve.server.config import ServerConfig
+    from camserve.v1 import explainer_pb2 as pb
+    from camserve.v1 import explainer_pb2_grpc as pb_grpc
+
+    out = tmp_path / "out"
+    code, _, err = _cli(capsys, "--module", "mynets.nets:make", "--factory-arg", "in_channels=1",
+                        "--grayscale", "single", "--mean", "0.45", "--std", "0.22",
+                        "--crop", "32", "--input-gradients", "--name", "gray",
+                        "--out", str(out))
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["gray.head.onnx", "gray.onnx", "gray.saliency.onnx"]
+    spec = _card(out / "gray.onnx").preprocessing
+    assert (spec.grayscale, spec.channels, spec.mean, spec.std) == ("single", 1, (0.45,), (0.22,))
+
+    # gradients against float64 autograd on one-channel inputs
+    session = ort.InferenceSession(str(out / "gray.onnx"), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(3).standard_normal((2, 1, 32, 32)).astype(np.float32)
+    _, classes, activations, gradients = session.run(
+        None, {contract.IMAGE: images, contract.TARGETS: np.array([[0, 4], [2, 1]])})
+    model = gradcheck.float64(_nets().make(in_channels=1).eval())
+    _, ref_acts, ref_grads = _autograd(model, "features", images, classes)
+    np.testing.assert_allclose(activations, ref_acts, atol=1e-4 * np.abs(ref_acts).max())
+    near = [_autograd(model, "features", x, classes)[2] for x in gradcheck.neighbours(images)]
+    gradcheck.assert_gradients_close(gradients, gradcheck.Reference(ref_grads, lambda: near))
+
+    # the server's input: luma of the resampled RGB crop, then normalised
+    rng = np.random.default_rng(4)
+    photo = cv2.resize(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8), (100, 60),
+                       interpolation=cv2.INTER_CUBIC)
+    image, _ = preprocess(photo, spec)
+    assert image.shape == (1, 1, 32, 32)
+    raw = preprocess(photo, contract.Preprocessing(spec.resize, spec.crop, (0.0,) * 3,
+                                                   (1.0,) * 3, 1.0))[0][0]
+    luma = 0.299 * raw[0] + 0.587 * raw[1] + 0.114 * raw[2]
+    np.testing.assert_allclose(image[0, 0], (luma / 255 - 0.45) / 0.22, atol=1e-4)
+
+    running = start(ServerConfig(models=out, port=0, device="cpu", intra_op_threads=1))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.ExplainerStub(channel)
+            info = stub.GetModel(pb.GetModelRequest(name="gray"))
+            assert list(info.input_shape) == [1, 1, 32, 32]
+            assert info.preprocessing.grayscale == "single"
+            pixels = pb.RawImage(height=60, width=100, pixels=photo.tobytes())
+            response = stub.Explain(pb.ExplainRequest(pixels=pixels, model="gray",
+                                                      classes=[1, 3]))
+            expected = _gradcam(session, image, [1, 3])
+            for k, target in enumerate(response.targets):
+                np.testing.assert_allclose(tensors.from_proto(target.cam).astype(np.float32),
+                                           expected[k], atol=1e-5)
+            gray_png = cv2.imencode(".png", cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY))[1]
+            by_tensor = stub.Explain(pb.ExplainRequest(tensor=tensors.to_proto(image),
+                                                       model="gray", classes=[1]))
+            assert len(by_tensor.targets) == 1
+            assert "saliency" in info.methods and "ablationcam" in info.methods
+            for method in info.methods:
+                for request in (pb.ExplainRequest(pixels=pixels, model="gray", classes=[2],
+                                                  method=method),
+                                pb.ExplainRequest(encoded=gray_png.tobytes(), model="gray",
+                                                  classes=[2], method=method)):
+                    cam = tensors.from_proto(stub.Explain(request).targets[0].cam)
+                    assert cam.shape == (32, 32) and np.isfinite(cam).all(), method
+    finally:
+        running.stop(grace=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import time
 
@@ -206,3 +207,78 @@ def test_upstream_tls_flags_render_and_incomplete_sets_are_refused(pki, capsys):
     assert "both --upstream-tls-cert and --upstream-tls-key" in capsys.readouterr().err
     plain = envoy.bootstrap(["10.0.0.5:50051"])["static_resources"]["clusters"][0]
     assert "transport_socket" not in plain  # plaintext unless asked
+
+
+# --- memory budget --------------------------------------------------------------------------
+def _png(height: int, width: int) -> bytes:
+    return cv2.imencode(".png", np.zeros((height, width, 3), np.uint8))[1].tobytes()
+
+
+def test_the_estimate_follows_frame_size_smoothing_and_method(models_dir):
+    from camserve.explain.budget import estimate_bytes
+    from camserve.modelfile import explainer, read
+
+    card = explainer(read(models_dir / "tiny.onnx")).card
+    small = estimate_bytes(pb.ExplainRequest(encoded=_png(48, 64)), card)
+    large = estimate_bytes(pb.ExplainRequest(encoded=_png(2000, 3000)), card)
+    assert large - small == 2 * (2000 * 3000 - 48 * 64) * 3  # decoded frame + converted copy
+    raw = pb.ExplainRequest(pixels=pb.RawImage(height=1000, width=1000,
+                                               pixels=bytes(3 * 10**6)))
+    assert estimate_bytes(raw, card) >= 3 * 3 * 10**6  # received + decoded + converted
+    smoothed = estimate_bytes(pb.ExplainRequest(encoded=_png(48, 64), smoothing=pb.Smoothing(
+        noise_samples=50, noise_sigma=0.15, horizontal_flip=True)), card)
+    assert smoothed > 50 * small
+    scorecam = estimate_bytes(pb.ExplainRequest(encoded=_png(48, 64), method="scorecam"), card)
+    assert scorecam > small + 32 * 3 * 64 * 64 * 4  # a chunk of masked inputs
+
+
+def test_memory_budget_admits_what_fits_and_refuses_the_rest_at_once():
+    from camserve.errors import LimitError
+    from camserve.server.lifecycle import MIB, MemoryBudget
+
+    budget = MemoryBudget(10 * MIB)
+    with budget.admit(6 * MIB):
+        with pytest.raises(LimitError, match=r"about 6\.0 MiB .* 6\.0 MiB are in use .* "
+                                             r"budget is 10\.0 MiB"), budget.admit(6 * MIB):
+            pass
+        with budget.admit(4 * MIB):
+            assert budget.in_flight == 10 * MIB
+    assert budget.in_flight == 0
+    with budget.admit(6 * MIB):
+        pass
+    with pytest.raises(LimitError, match="never fits"), budget.admit(11 * MIB):
+        pass
+    assert MemoryBudget.from_mb(0).limit is None
+    assert MemoryBudget.from_mb(None).limit > 0  # a quarter of physical memory
+
+
+def test_a_request_over_the_budget_is_refused_with_the_numbers(models_dir):
+    running = _serve(models_dir, max_inflight_mb=4)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.ExplainerStub(channel)
+            ok = stub.Explain(pb.ExplainRequest(encoded=PHOTO, classes=[2]), timeout=30)
+            assert ok.targets[0].class_index == 2
+            smoothed = stub.Explain(pb.ExplainRequest(
+                encoded=PHOTO, classes=[2], smoothing=pb.Smoothing(noise_samples=4,
+                                                                   noise_sigma=0.1)),
+                timeout=30)
+            assert smoothed.targets[0].class_index == 2
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Explain(pb.ExplainRequest(encoded=_png(2000, 3000), classes=[2]),
+                             timeout=30)
+            took = time.monotonic() - started
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            message = refused.value.details()
+            assert re.search(r"needs about \d+\.\d MiB .* budget is 4\.0 MiB "
+                             r"\(--max-inflight-mb\)", message), message
+            print(f"refused in {took * 1e3:.0f} ms: {message}")
+            big_smoothing = pb.ExplainRequest(encoded=PHOTO, classes=[2], smoothing=pb.Smoothing(
+                noise_samples=100, noise_sigma=0.1, horizontal_flip=True))
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Explain(big_smoothing, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert running.service.budget.in_flight == 0
+    finally:
+        running.stop(grace=1)

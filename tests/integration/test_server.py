@@ -109,6 +109,10 @@ def test_targets_explicit_then_top_k(stub, photo):
         assert t.probability == pytest.approx(probabilities[t.class_index], rel=1e-5)
     default = stub.Explain(pb.ExplainRequest(pixels=raw(photo)))
     assert [t.class_index for t in default.targets] == [int(order[0])]
+    # the contract's ranks as explicit classes: -r is the r-th highest logit
+    ranked = stub.Explain(pb.ExplainRequest(pixels=raw(photo), classes=[-2, 4, -1], top_k=1))
+    assert [t.class_index for t in ranked.targets] == [int(order[1]), 4, int(order[0]),
+                                                       int(order[0])]
 
 
 def test_three_image_forms_agree(stub, models_dir, photo):
@@ -245,7 +249,8 @@ def _bad_requests(photo):
         "class range": (pb.ExplainRequest(pixels=good, classes=[10]), "INVALID_ARGUMENT"),
         "huge class": (pb.ExplainRequest(pixels=good, classes=[10**9]), "INVALID_ARGUMENT"),
         "class -5000": (pb.ExplainRequest(pixels=good, classes=[-5000]), "INVALID_ARGUMENT"),
-        "negative class": (pb.ExplainRequest(pixels=good, classes=[-1]), "INVALID_ARGUMENT"),
+        "rank beyond the classes": (pb.ExplainRequest(pixels=good, classes=[-11]),
+                                    "INVALID_ARGUMENT"),
         "top_k": (pb.ExplainRequest(pixels=good, top_k=11), "INVALID_ARGUMENT"),
         "method": (pb.ExplainRequest(pixels=good, method="magic"), "INVALID_ARGUMENT"),
         "layer": (pb.ExplainRequest(pixels=good, layers=["layer9"]), "INVALID_ARGUMENT"),
