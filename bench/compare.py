@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frames import free_port, summary, time_rounds  # bench/frames.py
+from frames import cpu_name, free_port, summary, time_rounds  # bench/frames.py
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "samples" / "cat.jpg"
@@ -404,12 +404,7 @@ def installed(name: str) -> str:
 
 
 def machine(threads: int) -> dict[str, Any]:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
             **{name: installed(name) for name in ("onnxruntime", "onnxruntime-gpu", "torch",
                                                   "grad-cam", "captum", "grpcio", "numpy",
                                                   "opencv-python-headless")},

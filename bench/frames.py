@@ -186,16 +186,19 @@ def summary(samples: list[float]) -> dict[str, Any]:
             "samples": [round(s, 3) for s in samples]}
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (the architecture where there is none)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def machine(threads: int) -> dict[str, Any]:
     import grpc
     import onnxruntime as ort
 
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
             "onnxruntime": ort.__version__, "opencv": cv2.__version__,
             "numpy": np.__version__, "grpcio": grpc.__version__,
             "server_intra_op_threads": threads, "graph_intra_op_threads": threads,
