@@ -41,6 +41,16 @@ def add_parser(subparsers) -> None:
                         f"{DEFAULT_METHOD}; a model may list fewer: get_model())")
     p.add_argument("--fuse", choices=("max", "mean"), default=None,
                    help="also write one map fusing all targets of an image")
+    p.add_argument("--noise-samples", type=int, default=0, metavar="N",
+                   help="average each map over N noisy copies of the image (the article's "
+                        "SmoothGrad: 50); for --method smoothgrad, its number of samples")
+    p.add_argument("--noise-sigma", type=float, default=None, metavar="S",
+                   help="the noise's std as a fraction of the image's value range (default "
+                        "0.15)")
+    p.add_argument("--window", metavar="CENTER,WIDTH",
+                   help="intensity window for 16-bit (or 8-bit) files, in the file's sample "
+                        "units: CENTER +- WIDTH/2 maps onto 0..255 (default: a 16-bit PNG's "
+                        "own min..max; 8-bit files as they are)")
     p.add_argument("--threshold", type=float, default=0.6,
                    help="map level in (0, 1] for masks, contours and boxes")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
@@ -87,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
             raise CamserveError(f"image {str(image)!r} does not exist")
     # an unset --method keeps ExplainOptions' default (the core's), written down once there
     options = ExplainOptions(model=args.model, targets=args.targets, top_k=args.top_k,
-                             **({"method": args.method} if args.method else {}))
+                             noise_samples=args.noise_samples, window=args.window,
+                             **({"method": args.method} if args.method else {}),
+                             **({"noise_sigma": args.noise_sigma} if args.noise_sigma else {}))
     # libav's and OpenCV's own messages ("moov atom not found") would print beside our
     # one-line error
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # before OpenCV opens a video
@@ -107,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             _explain_clip(client, clip, options, args)
         for image_path, image_stem in zip(photos, stems):
             with _native_stderr_silenced():  # libjpeg's "Premature end of JPEG file"
-                photo = load_image(image_path)
+                photo = load_image(image_path, options.window)
             try:
                 found = client.explain(image_path, options=options)
             except grpc.RpcError as exc:  # camserve refused: the status and its message
@@ -152,6 +164,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise CamserveError(f"--in-flight must be >= 1, got {args.in_flight}")
     if not 0 <= args.smooth <= 1:
         raise CamserveError(f"--smooth is an EMA weight in (0, 1] (0: off), got {args.smooth}")
+    if args.noise_samples < 0:
+        raise CamserveError(f"--noise-samples must be >= 0, got {args.noise_samples}")
+    if args.noise_sigma is not None and not 0 < args.noise_sigma <= 10:
+        raise CamserveError(f"--noise-sigma must be in (0, 10], got {args.noise_sigma}")
+    if args.window is not None:
+        args.window = _window(args.window)
     if args.triton:
         if not args.model:
             raise CamserveError("--triton needs --model: the Triton model to explain with")
@@ -165,6 +183,18 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise CamserveError("mutual TLS needs both --tls-cert and --tls-key")
     if args.out.exists() and not args.out.is_dir():
         raise CamserveError(f"--out {str(args.out)!r} is a file, not a folder")
+
+
+def _window(text: str) -> tuple[float, float]:
+    """"CENTER,WIDTH" -> (center, width), width > 0."""
+    try:
+        center, width = (float(part) for part in text.split(","))
+    except ValueError:
+        raise CamserveError(f"--window is CENTER,WIDTH in the file's sample units (e.g. "
+                            f"2048,4096), got {text!r}") from None
+    if not (abs(center) < float("inf") and 0 < width < float("inf")):
+        raise CamserveError(f"--window needs a finite CENTER and a WIDTH > 0, got {text!r}")
+    return center, width
 
 
 def _check_target(flag: str, target: str) -> None:

@@ -24,7 +24,7 @@ from camserve.contract import Preprocessing
 from camserve.errors import CallerError
 from camserve.explain.frames import layout_of
 from camserve.explain.geometry import Geometry
-from camserve.explain.image import Decoded, declared_size, decode_for, resample
+from camserve.explain.image import Decoded, Window, declared_size, decode_for, resample
 from camserve.explain.methods import DEFAULT_METHOD, FUSIONS
 from camserve.explain.regions import DEFAULT_MAX_REGIONS, DEFAULT_THRESHOLD
 from camserve.explain.smoothing import NOISE_SIGMA
@@ -60,6 +60,9 @@ class ExplainOptions:
     ``resize_on_client`` (``Client.explain`` only): an image larger than the model needs is
     resized here as the server would (``client_resized``) and sent as a small RGB8 frame;
     the Explanations still describe the caller's full-size image.
+    ``window`` (center, width), for encoded files: the intensity window that maps their
+    samples onto 8 bits (``camserve.explain.image.Window``; None: a 16-bit PNG over its own
+    min..max, 8-bit files as they are), e.g. (2048, 4096) for a 12-bit X-ray.
     """
 
     model: str = ""
@@ -83,6 +86,7 @@ class ExplainOptions:
     max_regions: int = DEFAULT_MAX_REGIONS  # the server's limit: 256
     min_area: float = 0.0
     resize_on_client: bool = False  # Client.explain reads the model's preprocessing
+    window: tuple[float, float] | None = None  # (center, width) in the file's sample units
 
     def __post_init__(self) -> None:
         # Tuples, so that a frozen options object really is immutable (and numpy arrays of
@@ -106,6 +110,10 @@ class ExplainOptions:
                               f"{self.region_threshold}")
         if not 0 <= self.min_area < float("inf"):
             raise CallerError(f"min_area is a number of photo pixels >= 0, got {self.min_area}")
+        if self.window is not None:
+            center, width = self.window
+            object.__setattr__(self, "window", (float(center), float(width)))
+            Window(*self.window)  # checks it
 
     @classmethod
     def merged(cls, options: ExplainOptions | None,
@@ -145,6 +153,13 @@ class ExplainOptions:
                 enabled=True, threshold=self.region_threshold, max_regions=self.max_regions,
                 min_area=self.min_area))
         _set_image(request, image, tensor, self.pixel_format)
+        if self.window is not None:
+            if request.WhichOneof("image") != "encoded":
+                raise CallerError("window applies to encoded files (a path or JPEG/PNG bytes); "
+                                  "arrays, frames and tensors already hold 8-bit or model "
+                                  "values")
+            request.window.CopyFrom(pb.IntensityWindow(center=self.window[0],
+                                                       width=self.window[1]))
         return request
 
 
@@ -209,8 +224,8 @@ def _set_image(request: pb.ExplainRequest, image: Any, tensor: np.ndarray | None
         request.pixels.CopyFrom(Frame.from_array(image, pixel_format or "rgb8").to_proto())
 
 
-def client_resized(image: Any, spec: Preprocessing, pixel_format: str | None = None
-                   ) -> tuple[Frame, tuple[int, int]] | None:
+def client_resized(image: Any, spec: Preprocessing, pixel_format: str | None = None,
+                   window: Window | None = None) -> tuple[Frame, tuple[int, int]] | None:
     """``image`` (as ``to_request`` takes it) resized for a model that preprocesses with
     ``spec``: an RGB8 ``Frame`` whose shorter side is ``spec.resize`` (``Geometry.for_image``'s
     resized size, resampled with the server's antialiased filter:
@@ -218,7 +233,8 @@ def client_resized(image: Any, spec: Preprocessing, pixel_format: str | None = N
     would not shrink (never upscales: send the image as it is).
 
     Encoded files are decoded here first (a large JPEG at a reduced size, as the server
-    would: ``decode_for``), other frames converted to RGB (``Frame.to_rgb``). The server
+    would: ``decode_for``, through ``window`` as the server would apply it), other frames
+    converted to RGB (``Frame.to_rgb``). The server
     resamples the sent frame at scale 1 (the identity), so the model input is one-step
     preprocessing's within uint8 rounding, and a response's geometry becomes the caller's
     by putting the caller's size in ``Geometry.original``.
@@ -235,7 +251,7 @@ def client_resized(image: Any, spec: Preprocessing, pixel_format: str | None = N
         header = declared_size(data)  # min(h, w) does not depend on an EXIF rotation
         if header is None or min(header[1:]) <= spec.resize:
             return None  # the server says what is wrong with it, or it is small already
-        photo = decode_for(data, spec.resize)
+        photo = decode_for(data, spec.resize, window=window)
         size = photo.original
     elif isinstance(image, (Frame, Mapping)) or hasattr(image, "encoding"):
         frame = image if isinstance(image, Frame) else Frame.from_ros(image)

@@ -8,9 +8,9 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-import cv2
 import grpc
 import numpy as np
 
@@ -21,6 +21,7 @@ from camserve.client.options import ExplainOptions, StreamOptions, client_resize
 from camserve.contract import Preprocessing
 from camserve.errors import CallerError, RemoteError
 from camserve.explain.geometry import Geometry
+from camserve.explain.image import Window, decode
 from camserve.explain.pipeline import Target
 from camserve.explain.regions import Region, find_regions
 from camserve.v1 import explainer_pb2 as pb
@@ -38,13 +39,18 @@ class ExplainError(RemoteError):
         super().__init__(f"{code}: {message}", code, request_id)
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """A photo file -> RGB uint8 [H,W,3]."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise CallerError(f"cannot read an image from {str(path)!r}: the file is missing or "
-                          "is not an image OpenCV can decode")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+def load_image(path: str | os.PathLike,
+               window: Window | tuple[float, float] | None = None) -> np.ndarray:
+    """A photo file -> RGB uint8 [H,W,3], decoded as the server decodes it (a 16-bit PNG
+    windowed over its own min..max, or through ``window``, a ``Window`` or (center, width):
+    ``camserve.explain.image``), so that an overlay shows what the model saw."""
+    try:
+        if isinstance(window, tuple):
+            window = Window(*window)
+        return decode(Path(path).read_bytes(), window=window)
+    except (OSError, CallerError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise CallerError(f"cannot read an image from {str(path)!r}: {why}") from None
 
 
 # Unary calls that find the server UNAVAILABLE (restarting, shutting down, a replica gone)
@@ -121,11 +127,12 @@ class Client:
             merged = dataclasses.replace(asked, resize_on_client=False)
             if image is not None:
                 resized = client_resized(image, self._preprocessing_of(asked.model),
-                                         asked.pixel_format)
+                                         asked.pixel_format,
+                                         asked.window and Window(*asked.window))
         if resized is not None:
             image, original = resized
             sent = image.height * image.width / (original[0] * original[1])
-            merged = dataclasses.replace(merged, pixel_format=None,
+            merged = dataclasses.replace(merged, pixel_format=None, window=None,  # applied
                                          min_area=asked.min_area * sent)  # in sent pixels
         request = merged.to_request(image, tensor)
         response = self._stub.Explain(request, timeout=self.timeout, metadata=self.metadata)

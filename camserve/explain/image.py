@@ -3,9 +3,11 @@
 Header sniffing first: a 48 KB PNG can declare 20000 x 20000 pixels (1.2 GB decoded), so the
 size a file's header declares is checked against the limit before anything is decoded (PNG,
 JPEG, BMP and WebP are recognised: the formats the service accepts). Then encoded files are
-decoded with OpenCV (grayscale, 16-bit and alpha images become 8-bit RGB); a large JPEG is
+decoded with OpenCV (grayscale and alpha images become 8-bit RGB); a large JPEG is
 decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling) when that keeps its shorter
-side at least twice the model's ``resize`` (``decode_for``). Preprocessing resizes as torchvision's ``Resize(resize)`` does on a
+side at least twice the model's ``resize`` (``decode_for``). A 16-bit PNG (X-ray and other
+medical exports) is decoded at full depth and windowed to 8 bits (``Window``, ``to_8bit``):
+by default over its own min..max, or over a window the request names. Preprocessing resizes as torchvision's ``Resize(resize)`` does on a
 PIL image (PIL's separable filters, antialiased when shrinking; only the pixels the crop needs
 are resampled), then center-crops, scales and normalises per ``Preprocessing``.
 """
@@ -106,6 +108,47 @@ class ImageError(CallerError):
 
 
 @dataclass(frozen=True)
+class Window:
+    """A linear intensity window in the image's own units (0..65535 for a 16-bit PNG,
+    0..255 for 8 bits): [center - width/2, center + width/2] maps onto 0..255.
+
+    A DICOM-style window/level: v8 = floor(clip((v - lower) / width, 0, 1) * 255 + 0.5) with
+    lower = center - width / 2; values below the window are 0, above it 255.
+    """
+
+    center: float
+    width: float
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.center) and np.isfinite(self.width) and self.width > 0):
+            raise ImageError(f"an intensity window needs a finite center and a width > 0, got "
+                             f"center {self.center} and width {self.width}")
+
+    @classmethod
+    def min_max(cls, samples: np.ndarray) -> Window | None:
+        """The window spanning ``samples``' own min..max; None for a constant image (which
+        ``to_8bit`` makes all 0)."""
+        low, high = float(samples.min()), float(samples.max())
+        return cls((low + high) / 2, high - low) if high > low else None
+
+
+def to_8bit(samples: np.ndarray, window: Window | None) -> np.ndarray:
+    """uint8 or uint16 samples [H,W] or [H,W,C] -> uint8 of the same shape through
+    ``window`` (None: all 0, a constant image's min..max).
+
+    ``Window``'s formula in float64 for each of the 256 or 65536 possible levels, then one
+    table lookup per sample: exact, and no float copy of a large image."""
+    if samples.dtype not in (np.uint8, np.uint16):
+        raise ImageError(f"cannot window {samples.dtype} samples; 8- and 16-bit images only")
+    if window is None:
+        return np.zeros(samples.shape, np.uint8)
+    levels = np.arange(np.iinfo(samples.dtype).max + 1, dtype=np.float64)
+    lower = window.center - window.width / 2
+    table = np.floor(np.clip((levels - lower) / window.width, 0, 1) * 255 + 0.5)
+    return table.astype(np.uint8)[samples]
+
+
+@dataclass(frozen=True)
 class Decoded:
     """A decoded photo: ``rgb`` uint8 [h,w,3] showing an ``original`` (H0, W0) photo.
 
@@ -118,21 +161,25 @@ class Decoded:
     factor: int = 1
 
 
-def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> uint8 RGB [H,W,3] at full size.
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+           window: Window | None = None) -> np.ndarray:
+    """Encoded image bytes -> uint8 RGB [H,W,3] at full size (``decode_for``'s windowing).
 
     The size the header declares is checked against ``max_pixels`` before decoding.
     """
-    return decode_for(data, 0, max_pixels).rgb
+    return decode_for(data, 0, max_pixels, window).rgb
 
 
-def decode_for(data: bytes, shorter_side: int,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def decode_for(data: bytes, shorter_side: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+               window: Window | None = None) -> Decoded:
     """Encoded image bytes -> ``Decoded`` for a model that resizes to ``shorter_side``.
 
     A JPEG is decoded at the largest 1/f (f = 8, 4, 2) that divides its height and width and
     keeps its shorter side min(H0,W0)/f >= ``HEADROOM * shorter_side``; other formats (and
     ``shorter_side`` 0) at full size.
+    Intensities: with a ``window``, every format's samples go through it (``to_8bit``, at
+    full size); without one, a 16-bit PNG is windowed over its own min..max
+    (``Window.min_max``) and 8-bit images are used as they are.
     The size the header declares is checked against ``max_pixels`` before decoding.
     """
     if not data:
@@ -149,6 +196,12 @@ def decode_for(data: bytes, shorter_side: int,
         raise ImageError(f"the {kind} declares an empty {width}x{height} image")
     if kind == "JPEG" and not jpeg_is_complete(data):
         raise ImageError(f"the JPEG is cut short ({len(data)} bytes, no end-of-image marker)")
+    if window is not None or (kind == "PNG" and data[24:25] == b"\x10"):  # IHDR: depth
+        samples = _imdecode(data, kind, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+        rgb = to_8bit(samples, window if window is not None else Window.min_max(samples))
+        if rgb.ndim == 2:
+            rgb = cv2.cvtColor(rgb, cv2.COLOR_GRAY2RGB)
+        return Decoded(rgb, rgb.shape[:2])
     factor = next((f for f in (8, 4, 2) if kind == "JPEG" and shorter_side > 0
                    and width % f == 0 and height % f == 0
                    and min(width, height) // f >= HEADROOM * shorter_side), 1)
@@ -173,6 +226,7 @@ _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
 
 
 def _imdecode(data: bytes, kind: str, flag: int) -> np.ndarray:
+    """OpenCV's decode with ``flag``, in RGB order (gray [H,W] stays gray)."""
     try:
         bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     except cv2.error as exc:
@@ -180,7 +234,7 @@ def _imdecode(data: bytes, kind: str, flag: int) -> np.ndarray:
     if bgr is None:
         raise ImageError(f"cannot decode the {kind} image ({len(data)} bytes): the file is "
                          "damaged or cut short")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return bgr if bgr.ndim == 2 else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def preprocess(photo: np.ndarray | Decoded, spec: Preprocessing

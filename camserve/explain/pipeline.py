@@ -30,7 +30,7 @@ from camserve.errors import CallerError, CamserveError, DeadlineError, LimitErro
 from camserve.explain import attributions, methods
 from camserve.explain.frames import frame_to_rgb
 from camserve.explain.geometry import Geometry, resize_map, to_original
-from camserve.explain.image import DEFAULT_MAX_PIXELS, Decoded, decode_for, preprocess
+from camserve.explain.image import DEFAULT_MAX_PIXELS, Decoded, Window, decode_for, preprocess
 from camserve.explain.regions import Region, RegionQuery, find_regions, region_query
 from camserve.explain.smoothing import average_maps, perturbed_batch
 from camserve.v1 import explainer_pb2 as pb
@@ -334,8 +334,14 @@ class Pipeline:
         """The request's photo as uint8 RGB [H,W,3] (a JPEG maybe decoded smaller for a
         model resizing to ``resize``: ``Decoded``), or None for a preprocessed tensor."""
         kind = request.WhichOneof("image")
+        window = None
+        if request.HasField("window"):
+            if kind != "encoded":
+                raise CallerError(f"an intensity window applies to encoded images; the request "
+                                  f"sends {kind or 'no image'}: drop `window` or send the file")
+            window = Window(request.window.center, request.window.width)
         if kind == "encoded":
-            return decode_for(request.encoded, resize, self.limits.max_pixels)
+            return decode_for(request.encoded, resize, self.limits.max_pixels, window)
         if kind == "pixels":
             p = request.pixels
             return frame_to_rgb(p.height, p.width, p.pixels, p.format, p.step,

@@ -146,7 +146,7 @@ class IntegratedGradients(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., baseline: _Optional[_Union[IntegratedGradients.Baseline, str]] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "request_id", "encoded", "pixels", "tensor", "classes", "top_k", "method", "layers", "fusion", "output", "smoothing", "raw_maps", "integrated_gradients", "stream")
+    __slots__ = ("model", "request_id", "encoded", "pixels", "tensor", "classes", "top_k", "method", "layers", "fusion", "output", "smoothing", "raw_maps", "integrated_gradients", "stream", "window")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class ExplainRequest(_message.Message):
     RAW_MAPS_FIELD_NUMBER: _ClassVar[int]
     INTEGRATED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
     model: str
     request_id: str
     encoded: bytes
@@ -177,7 +178,16 @@ class ExplainRequest(_message.Message):
     raw_maps: bool
     integrated_gradients: IntegratedGradients
     stream: StreamOptions
-    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[RawImage, _Mapping]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., method: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[LayerFusion, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., smoothing: _Optional[_Union[Smoothing, _Mapping]] = ..., raw_maps: _Optional[bool] = ..., integrated_gradients: _Optional[_Union[IntegratedGradients, _Mapping]] = ..., stream: _Optional[_Union[StreamOptions, _Mapping]] = ...) -> None: ...
+    window: IntensityWindow
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[RawImage, _Mapping]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., method: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[LayerFusion, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., smoothing: _Optional[_Union[Smoothing, _Mapping]] = ..., raw_maps: _Optional[bool] = ..., integrated_gradients: _Optional[_Union[IntegratedGradients, _Mapping]] = ..., stream: _Optional[_Union[StreamOptions, _Mapping]] = ..., window: _Optional[_Union[IntensityWindow, _Mapping]] = ...) -> None: ...
+
+class IntensityWindow(_message.Message):
+    __slots__ = ("center", "width")
+    CENTER_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    center: float
+    width: float
+    def __init__(self, center: _Optional[float] = ..., width: _Optional[float] = ...) -> None: ...
 
 class StreamOptions(_message.Message):
     __slots__ = ("latest_frame_wins", "frame_deadline_ms", "temporal_smoothing", "scene_change_correlation", "reset")
