@@ -6,7 +6,7 @@ MODELS := models
 DEMO_MODEL := $(MODELS)/efficientnet_lite0.onnx
 PROTO := protos/camserve/v1/explainer.proto
 
-.PHONY: install export serve cluster demo test test-unit check proto bench clean
+.PHONY: install export serve cluster demo test test-unit check proto bench bench-methods clean
 
 install: $(VENV)/.installed
 
@@ -73,6 +73,22 @@ bench: install
 .PHONY: bench-frames
 bench-frames: install $(DEMO_MODEL)
 	$(PY) bench/frames.py $(BENCH_ARGS)
+
+# Score-CAM and Ablation-CAM (resnet18 layer4, 224²): camserve in-process and e2e over gRPC
+# vs grad-cam 1.5.7 on torch, each side in its own process, interleaved rounds (~4 min on 2
+# idle cores; BENCH_ARGS="--rounds 5"). Writes bench/results/expensive_methods.{md,json}.
+bench-methods: install
+	$(PY) bench/expensive_methods.py $(BENCH_ARGS)
+
+# MINUTES of mixed traffic (unary, streams, ~13% malformed, large frames, cancellations)
+# against a 3-replica cluster with a replica SIGKILLed every minute; ends with a PASS/FAIL
+# verdict (not in `make test`; MINUTES + ~1 min). Writes bench/results/soak.json. A short
+# run: make bench-soak MINUTES=1 BENCH_ARGS="--kill-every 20".
+MINUTES ?= 10
+.PHONY: bench-soak
+bench-soak: install $(DEMO_MODEL)
+	$(PY) bench/soak.py --minutes $(MINUTES) --models $(MODELS) \
+		--json bench/results/soak.json $(BENCH_ARGS)
 
 clean:
 	rm -rf out $(MODELS) .pytest_cache

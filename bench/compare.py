@@ -25,6 +25,12 @@ server gets cat.jpg itself and makes that tensor). Every call runs once per roun
 fresh random order, ``--pause-ms`` after the previous one, after warm-up rounds; the tables
 give median and p10-p90. The 1-minute load average is recorded before and after each model.
 
+``--precision float32 float16`` measures each model once per precision (one row each): the
+explainer (``camserve export --precision``) and the plain classifier (converted by
+``camserve.export.precision.to_float16``, float32 interface) in that precision; grad-cam and
+Captum always run float32 torch. Meant for ``--device cuda``: onnxruntime's CPU provider has
+few float16 kernels.
+
 Throughput: the explainer graph's best in-process rate over batch sizes (its own process,
 spinning) is the limit; 1/4/16 concurrent clients' explanations/s over gRPC, with and without
 batching, as a fraction of it.
@@ -193,17 +199,24 @@ class Side:
 
 
 # --- models ---------------------------------------------------------------------------------
+def tag_of(arch: str, precision: str) -> str:
+    """The model's file tag and row label: the architecture, and the precision unless
+    float32."""
+    return arch if precision == "float32" else f"{arch}-{precision}"
+
+
 def prepare(args: argparse.Namespace) -> None:
-    """(in a torch process) ``--prepare ARCH FOLDER``: the plain classifier ONNX of ARCH
-    and, for torchvision architectures, a seeded state_dict the explainer export and the
-    torch sides share."""
+    """(in a torch process) ``--prepare ARCH FOLDER PRECISION``: the plain classifier ONNX of
+    ARCH in PRECISION and, for torchvision architectures, a seeded state_dict the explainer
+    export and the torch sides share."""
     import warnings
 
     import torch
 
     from camserve.export.models import load
 
-    arch, folder = args.prepare[0], Path(args.prepare[1])
+    arch, folder, precision = args.prepare[0], Path(args.prepare[1]), args.prepare[2]
+    plain = folder / f"{tag_of(arch, precision)}_plain.onnx"
     torch.manual_seed(SEED)
     weights = None
     if arch != "efficientnet_lite0":
@@ -213,27 +226,37 @@ def prepare(args: argparse.Namespace) -> None:
     module = load(arch, weights).module.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.zeros(1, 3, 224, 224),), str(folder / f"{arch}_plain.onnx"),
+        torch.onnx.export(module, (torch.zeros(1, 3, 224, 224),), str(plain),
                           dynamo=False, input_names=["image"], output_names=["logits"],
                           opset_version=17, dynamic_axes={"image": {0: "batch"}})
+    if precision == "float16":
+        import onnx
+
+        from camserve.export.precision import to_float16
+
+        onnx.save(to_float16(onnx.load(str(plain))), str(plain))
 
 
-def export_model(arch: str, folder: Path) -> tuple[Path, Path, Path | None]:
-    """(explainer, plain classifier, torch weights or None) of ``arch``, under ``folder``."""
-    subprocess.run([sys.executable, __file__, "--prepare", arch, str(folder)], check=True)
+def export_model(arch: str, precision: str, folder: Path) -> tuple[Path, Path, Path | None]:
+    """(explainer, plain classifier, torch weights or None) of ``arch`` in ``precision``,
+    under ``folder`` (float32 EfficientNet-Lite0: the demo's models/efficientnet_lite0.onnx)."""
+    tag = tag_of(arch, precision)
+    subprocess.run([sys.executable, __file__, "--prepare", arch, str(folder), precision],
+                   check=True)
     weights = folder / f"{arch}.pt"
-    if arch == "efficientnet_lite0":
+    if arch == "efficientnet_lite0" and precision == "float32":
         if not LITE0.is_file():
             subprocess.run([sys.executable, "-m", "camserve", "export", "--arch", arch,
                             "--out", str(LITE0.parent)], check=True)
         explainer = LITE0
     else:
-        models = folder / arch
-        subprocess.run([sys.executable, "-m", "camserve", "export", "--arch", arch, "--weights",
-                        str(weights), "--out", str(models)], check=True,
+        models = folder / tag
+        subprocess.run([sys.executable, "-m", "camserve", "export", "--arch", arch,
+                        *(["--weights", str(weights)] if weights.is_file() else []),
+                        "--precision", precision, "--out", str(models)], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         explainer = models / f"{arch}.onnx"
-    return explainer, folder / f"{arch}_plain.onnx", weights if weights.is_file() else None
+    return explainer, folder / f"{tag}_plain.onnx", weights if weights.is_file() else None
 
 
 # --- the server -----------------------------------------------------------------------------
@@ -263,9 +286,9 @@ class Server:
             self.process.wait()
 
 
-def served_folder(explainer: Path, scratch: Path) -> Path:
+def served_folder(explainer: Path, scratch: Path, tag: str) -> Path:
     """A folder holding only this model (and its companions), for ``--models``."""
-    folder = scratch / f"served-{explainer.stem}"
+    folder = scratch / f"served-{tag}"
     folder.mkdir(exist_ok=True)
     for path in explainer.parent.glob(explainer.stem + ".*onnx"):
         if not (folder / path.name).exists():
@@ -315,17 +338,19 @@ def clients_rate(address: str, jpeg: bytes, model: str, clients: int, seconds: f
 
 
 # --- one model ------------------------------------------------------------------------------
-def measure(arch: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+def measure(arch: str, precision: str, args: argparse.Namespace,
+            scratch: Path) -> dict[str, Any]:
     from camserve import modelfile
     from camserve.client import Client
     from camserve.explain.image import decode, preprocess
 
     load_before = os.getloadavg()
-    progress(f"{arch}: exporting")
-    explainer, plain, weights = export_model(arch, scratch)
+    tag = tag_of(arch, precision)
+    progress(f"{tag}: exporting")
+    explainer, plain, weights = export_model(arch, precision, scratch)
     card = modelfile.explainer(modelfile.read(explainer)).card
     jpeg = SAMPLE.read_bytes()
-    tensor = scratch / f"{arch}.npy"
+    tensor = scratch / f"{tag}.npy"
     np.save(tensor, preprocess(decode(jpeg), card.preprocessing)[0])
     common = ["--tensor", str(tensor), "--threads", str(args.threads), "--device", args.device]
     torch_args = ["--arch", arch, "--layer", card.layers[0].name,
@@ -334,7 +359,7 @@ def measure(arch: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any
     servers: dict[str, Server] = {}
     clients: dict[str, Any] = {}
     try:
-        progress(f"{arch}: starting the sides and servers")
+        progress(f"{tag}: starting the sides and servers")
         sides["forward/spin"] = Side("ort-forward", common, "--model", str(plain), "--spinning")
         sides["forward/nospin"] = Side("ort-forward", common, "--model", str(plain))
         sides["graph/spin"] = Side("ort-graph", common, "--model", str(explainer), "--spinning")
@@ -342,9 +367,9 @@ def measure(arch: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any
         for name, package in (("grad-cam", "grad-cam"), ("captum", "captum")):
             if not args.no_torch and installed(package) != "not installed":
                 sides[name] = Side(name, common, *torch_args)
-        folder = served_folder(explainer, scratch)
+        folder = served_folder(explainer, scratch, tag)
         for mode, flags in (("batching", []), ("no-batching", ["--no-batching"])):
-            servers[mode] = Server(folder, args.threads, flags, scratch / f"{arch}-{mode}.log",
+            servers[mode] = Server(folder, args.threads, flags, scratch / f"{tag}-{mode}.log",
                                    args.device)
             clients[mode] = Client(servers[mode].address, timeout=TIMEOUT_S)
         calls: dict[str, Callable[[], float]] = {
@@ -352,12 +377,12 @@ def measure(arch: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any
         calls["graph+cam/spin"] = lambda: sides["graph/spin"].ask("explain")
         for mode, client in clients.items():
             calls[f"e2e/{mode}"] = e2e_call(client, jpeg, explainer.stem)
-        progress(f"{arch}: {len(calls)} calls x {args.runs} rounds ({args.warmup} warm-up)")
+        progress(f"{tag}: {len(calls)} calls x {args.runs} rounds ({args.warmup} warm-up)")
         load_rounds = os.getloadavg()
         times = time_rounds(calls, args.runs, args.warmup, args.pause_ms / 1e3)
         load_after_rounds = os.getloadavg()
         stages = {mode: stage_ms(client, jpeg, explainer.stem) for mode, client in clients.items()}
-        progress(f"{arch}: throughput")
+        progress(f"{tag}: throughput")
         graph_side = sides["graph/spin"]
         batch_ms = {b: graph_side.ask(f"batch {b} {args.batch_runs}") for b in args.batches}
         info = {key: side.info for key, side in sides.items()}
@@ -385,7 +410,7 @@ def measure(arch: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any
     for torch_side in ("grad-cam", "captum"):
         if torch_side in med:
             ratios[f"{torch_side}/e2e"] = med[torch_side] / med["e2e/batching"]
-    return {"arch": arch, "layer": card.layers[0].name, "explainer": str(explainer),
+    return {"arch": arch, "precision": precision, "layer": card.layers[0].name, "explainer": str(explainer),
             "latency_ms": latency, "ratios": ratios, "server_stages_ms": stages,
             "sides": info,
             "throughput": {"graph_batch_ms": batch_ms,
@@ -486,6 +511,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="onnxruntime's provider (plain session.run, no IO binding), the "
                         "servers' --device and torch's device")
+    parser.add_argument("--precision", nargs="+", choices=("float32", "float16"),
+                        default=["float32"], help="export each model in these precisions (one "
+                        "row each; float16 is for --device cuda)")
     parser.add_argument("--threads", type=int, default=2,
                         help="onnxruntime intra-op threads (sides and servers) = torch threads")
     parser.add_argument("--runs", type=int, help="timed rounds (default 30, --quick 5)")
@@ -504,7 +532,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     # the worker processes
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--prepare", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", nargs=3, help=argparse.SUPPRESS)
     for name in ("--tensor", "--model", "--arch", "--layer", "--weights"):
         parser.add_argument(name, help=argparse.SUPPRESS)
     parser.add_argument("--spinning", action="store_true", help=argparse.SUPPRESS)
@@ -532,7 +560,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="camserve-bench-") as folder:
         for arch in args.models:
-            results[arch] = measure(arch, args, Path(folder))
+            for precision in args.precision:
+                results[tag_of(arch, precision)] = measure(arch, precision, args, Path(folder))
     assert "torch" not in sys.modules  # the client side too
     text = report(info, args, results)
     print("\n" + text)

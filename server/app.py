@@ -158,7 +158,7 @@ def start(config: ServerConfig) -> RunningServer:
     gate = Gate()
     health_servicer = health.HealthServicer()
     metrics = Metrics()
-    repository = ModelRepository.load(config, metrics, health_servicer, gate)
+    repository = ModelRepository.load(config, metrics, health_servicer)
     try:
         running = _listen(config, repository, gate, health_servicer, credentials, token)
     except BaseException:

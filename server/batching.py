@@ -22,6 +22,9 @@ from camserve.errors import CamserveError, DeadlineError
 from camserve.server.metrics import Metrics
 from camserve.server.runtime import ExplainerModel
 
+import os
+_EXP_DIRECT = os.environ.get("CAMSERVE_EXP_DIRECT", "1") == "1"
+
 # (logits [1,N], classes [1,K], {layer: (activations [1,C,h,w], gradients [1,K,C,h,w])})
 Result = tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]
 
@@ -49,6 +52,7 @@ class Batcher:
         self._jobs: deque[_Job] = deque()
         self._waiting = 0  # request threads between "about to submit" and their result
         self._ready = threading.Condition()
+        self._running = False  # a graph run (batched or direct) is in progress
         self._closed = False
         self.batch_sizes: Counter[int] = Counter()  # how many runs had each batch size
         self.metrics = metrics
@@ -83,14 +87,23 @@ class Batcher:
             if self._closed:
                 self._waiting -= 1
                 raise CamserveError("the server is shutting down")
-            self._jobs.append(job)
-            self._ready.notify_all()
-            if self.metrics:
-                self.metrics.queue_depth.labels(self.model.name).set(len(self._jobs))
+            # alone: no run in progress, nothing queued, no other request on its way
+            direct = _EXP_DIRECT and not self._running and not self._jobs and self._waiting == 1
+            if direct:
+                self._running = True
+            else:
+                self._jobs.append(job)
+                self._ready.notify_all()
+                if self.metrics:
+                    self.metrics.queue_depth.labels(self.model.name).set(len(self._jobs))
         try:
+            if direct:
+                self._execute([job])
             return job.future.result()
         finally:
             with self._ready:
+                if direct:
+                    self._running = False
                 self._waiting -= 1
                 self._ready.notify_all()
 
@@ -103,12 +116,17 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._ready:
-                while not self._jobs and not self._closed:
+                while (self._running or not self._jobs) and not self._closed:
                     self._ready.wait()
                 if not self._jobs:
                     return
+                self._running = True
                 batch = self._collect()
-            self._execute(batch)
+            try:
+                self._execute(batch)
+            finally:
+                with self._ready:
+                    self._running = False
 
     def _collect(self) -> list[_Job]:
         """The next batch (called holding the lock): the oldest job plus compatible ones."""

@@ -1,21 +1,21 @@
-"""The server's gate: calls in flight counted per model generation, refused once closing;
-and its memory budget: requests admitted while their estimated peak memory fits.
+"""The server's gate: calls in flight counted, refused once closing; and its memory budget:
+requests admitted while their estimated peak memory fits, with freed memory given back to
+the system at once so that the process's RSS follows what is admitted.
 
 ``Gate`` is a gRPC interceptor in front of every service but health and reflection. Stopping
 closes it (new calls get UNAVAILABLE, so a client retries another replica) and waits for the
-calls in flight to finish (``wait_settled``); a model reload starts a new generation
-(``advance``) so the replaced models' batchers close once the calls of older generations
-are done (``wait_idle(upto=...)``).
+calls in flight to finish (``wait_settled``). (A model reload needs no gate: each call
+borrows its batcher from the repository, ``camserve.server.repository``.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 
 import grpc
@@ -30,15 +30,13 @@ SETTLE_SECONDS = 0.1  # on stop: quiet time that proves no admitted call is stil
 
 
 class Gate(grpc.ServerInterceptor):
-    """Counts the calls in flight (per model generation) and, once closed, answers new ones
-    UNAVAILABLE. Health and reflection pass untouched, so probes see NOT_SERVING."""
+    """Counts the calls in flight and, once closed, answers new ones UNAVAILABLE. Health and reflection pass untouched, so probes see NOT_SERVING."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._open = True
         self._hurry = False
-        self._generation = 0
-        self._active: Counter[int] = Counter()  # generation -> calls in flight
+        self._active = 0  # calls in flight
         self._started = 0  # calls that reached a worker, ever
 
     def intercept_service(self, continuation, handler_call_details):
@@ -52,17 +50,14 @@ class Gate(grpc.ServerInterceptor):
                            "the server is shutting down; retry with another replica")
         return self._counted(handler)
 
-    def _enter(self) -> int:
+    def _enter(self) -> None:
         with self._cond:
             self._started += 1
-            self._active[self._generation] += 1
-            return self._generation
+            self._active += 1
 
-    def _leave(self, generation: int) -> None:
+    def _leave(self) -> None:
         with self._cond:
-            self._active[generation] -= 1
-            if not self._active[generation]:
-                del self._active[generation]
+            self._active -= 1
             self._cond.notify_all()
 
     def _counted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -70,20 +65,20 @@ class Gate(grpc.ServerInterceptor):
             inner = handler.unary_stream or handler.stream_stream
 
             def behavior(request, context):
-                generation = self._enter()
+                self._enter()
                 try:
                     yield from inner(request, context)
                 finally:
-                    self._leave(generation)
+                    self._leave()
         else:
             inner = handler.unary_unary or handler.stream_unary
 
             def behavior(request, context):
-                generation = self._enter()
+                self._enter()
                 try:
                     return inner(request, context)
                 finally:
-                    self._leave(generation)
+                    self._leave()
 
         make = {
             (False, False): grpc.unary_unary_rpc_method_handler,
@@ -97,7 +92,7 @@ class Gate(grpc.ServerInterceptor):
     @property
     def in_flight(self) -> int:
         with self._cond:
-            return sum(self._active.values())
+            return self._active
 
     def close(self) -> None:
         """Refuse every new call from now on."""
@@ -110,20 +105,12 @@ class Gate(grpc.ServerInterceptor):
             self._hurry = True
             self._cond.notify_all()
 
-    def advance(self) -> int:
-        """Start a new generation (after a model swap); returns the last old one."""
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight; False when ``timeout`` seconds passed first or
+        ``hurry`` was called."""
         with self._cond:
-            self._generation += 1
-            return self._generation - 1
-
-    def wait_idle(self, timeout: float, upto: int | None = None) -> bool:
-        """Wait until no call (of generation ``upto`` or older) is in flight; False when
-        ``timeout`` seconds passed first or ``hurry`` was called."""
-        def idle() -> bool:
-            return self._hurry or not any(n for g, n in self._active.items()
-                                          if upto is None or g <= upto)
-        with self._cond:
-            return self._cond.wait_for(idle, timeout) and not self._hurry
+            return self._cond.wait_for(lambda: self._hurry or not self._active,
+                                       timeout) and not self._hurry
 
     def wait_settled(self, timeout: float, settle: float = SETTLE_SECONDS) -> bool:
         """``wait_idle``, and then idle for ``settle`` seconds on end: a call that passed the
@@ -161,11 +148,16 @@ class MemoryBudget:
 
     @classmethod
     def from_mb(cls, mb: float | None) -> MemoryBudget:
-        """``--max-inflight-mb``: None -> a quarter of physical memory, 0 -> no budget."""
+        """``--max-inflight-mb``: None -> a quarter of physical memory, 0 -> no budget. With
+        a budget, freed memory goes back to the system at once (``return_freed_memory``)."""
         if mb is None:
             memory = physical_memory()
-            return cls(memory // 4 if memory else None)
-        return cls(round(mb * MIB) if mb > 0 else None)
+            budget = cls(memory // 4 if memory else None)
+        else:
+            budget = cls(round(mb * MIB) if mb > 0 else None)
+        if budget.limit is not None:
+            return_freed_memory()
+        return budget
 
     @contextlib.contextmanager
     def admit(self, estimate: int) -> Iterator[None]:
@@ -187,3 +179,24 @@ class MemoryBudget:
         finally:
             with self._lock:
                 self.in_flight -= estimate
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+RETURN_ABOVE_BYTES = 1024 * 1024  # blocks from this size on are mapped, and unmapped on free
+
+
+def return_freed_memory() -> bool:
+    """Make glibc's malloc give memory back to the system as soon as it is freed: blocks of
+    ``RETURN_ABOVE_BYTES`` and more are mapped on their own, and a heap's free top beyond
+    that is trimmed. glibc's own thresholds rise with the blocks a program frees (up to
+    32 MiB mapped, 64 MiB kept untrimmed), per worker thread's arena: under a burst of large
+    requests the server then kept hundreds of MiB it no longer used, beyond what the budget
+    admits. False where the C library has no ``mallopt`` (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, RETURN_ABOVE_BYTES)
+                and mallopt(_M_TRIM_THRESHOLD, RETURN_ABOVE_BYTES))

@@ -2,25 +2,32 @@
 
 One object holds what the service reads on every call, so a request sees either the old set
 or the new one, never a mix: ``get`` finds a model, ``runner`` the way to its graph (its
-dynamic ``Batcher``, or a ``Direct`` run). ``reload`` loads the models folder again,
-validated and warmed up, swaps the new set in and reports it to grpc.health.v1; the batchers
-it replaces are closed once the calls that started before the swap are done.
+dynamic ``Batcher``, or a ``Direct`` run). A call's model and the runner it gets for it
+belong to the same set, so its response names the version whose session ran it.
+
+``reload`` loads the models folder again, validated and warmed up, swaps the new set in and
+reports it to grpc.health.v1. Calls that started on the old set finish on it. Each call
+borrows its batcher from ``runner`` until its graph run is over (a lease); a replaced batcher
+closes when its last lease ends, at once when it has none, and the old models' sessions are
+freed with the last call that holds them. A stream borrows per frame, so one open across a
+reload keeps nothing of the old set alive: its next frame runs on the new one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 from grpc_health.v1 import health, health_pb2
 
 from camserve.errors import NotFoundError, OperatorError
-from camserve.explain.pipeline import Direct, Runner
+from camserve.explain.pipeline import Direct, Outputs, Runner
 from camserve.server.batching import Batcher
 from camserve.server.config import ServerConfig
-from camserve.server.lifecycle import Gate
 from camserve.server.metrics import Metrics
 from camserve.server.runtime import ExplainerModel, load_models
 
@@ -28,7 +35,6 @@ log = logging.getLogger("camserve.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-RETIRE_WAIT_SECONDS = 5.0  # after the grace period: how long queued batches may still drain
 
 
 @dataclass(frozen=True)
@@ -40,14 +46,50 @@ class ModelSet:
     batchers: dict[str, Batcher] = field(default_factory=dict)
 
 
+class Lease:
+    """One call's ``Runner``: its model's batcher, lent from ``ModelRepository.runner`` until
+    the call's graph run is over (the end of ``run``, or ``cancel`` when preparing failed);
+    ``release`` is then called once."""
+
+    def __init__(self, batcher: Batcher, release: Callable[[Batcher], None]) -> None:
+        self.batcher = batcher
+        self._release = release
+        self._ended = False
+
+    @property
+    def model(self) -> ExplainerModel:
+        return self.batcher.model
+
+    def expect(self) -> None:
+        self.batcher.expect()
+
+    def cancel(self) -> None:
+        try:
+            self.batcher.cancel()
+        finally:
+            self._end()
+
+    def run(self, image: np.ndarray, targets: np.ndarray, layers: list[str],
+            alive: Callable[[], bool] = lambda: True) -> Outputs:
+        """image [1,3,H,W], targets [K] -> ``Outputs`` of batch 1 (``Batcher.run``)."""
+        try:
+            return self.batcher.run(image, targets, layers, alive)
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._release(self.batcher)
+
+
 class ModelRepository:
     """The model set a server answers from. ``config`` (the models folder, device, threads,
     batching) is what ``reload`` reads again; ``health`` is told which models serve."""
 
     def __init__(self, models: dict[str, ExplainerModel], default: str | None = None, *,
                  config: ServerConfig | None = None, metrics: Metrics | None = None,
-                 health_servicer: health.HealthServicer | None = None,
-                 gate: Gate | None = None) -> None:
+                 health_servicer: health.HealthServicer | None = None) -> None:
         if default is not None and default not in models:
             raise OperatorError(f"--default-model {default!r} is not among the loaded models: "
                                 f"{', '.join(sorted(models))}")
@@ -55,21 +97,23 @@ class ModelRepository:
         self._reloadable = config is not None  # built from a models folder it can read again
         self.metrics = metrics or Metrics()
         self._health = health_servicer
-        self._gate = gate or Gate()
-        self._current = ModelSet(models, default or sorted(models)[0],
+        self._current = ModelSet(models, default or min(models),
                                  self._batchers(models) if config else {})
         self._reload_lock = threading.Lock()  # one reload at a time
-        self._state_lock = threading.Lock()  # swap vs close
+        self._state_lock = threading.Lock()  # swap, leases and close
         self._closed = False
-        self._retiring: list[Batcher] = []  # replaced batchers not closed yet
+        # batchers not closed yet: the current set's, and replaced ones still lent
+        self._open: list[Batcher] = list(self._current.batchers.values())
+        self._leases: Counter[Batcher] = Counter()  # calls that borrowed each batcher
+        self._replaced: set[Batcher] = set()  # to close when their last lease ends
 
     @classmethod
-    def load(cls, config: ServerConfig, metrics: Metrics, health_servicer: health.HealthServicer,
-             gate: Gate) -> "ModelRepository":
+    def load(cls, config: ServerConfig, metrics: Metrics,
+             health_servicer: health.HealthServicer) -> ModelRepository:
         """Every valid model of ``config.models``, validated and warmed up."""
         models = load_models(config.models, config.device, config.intra_op_threads)
         return cls(models, config.default_model, config=config, metrics=metrics,
-                   health_servicer=health_servicer, gate=gate)
+                   health_servicer=health_servicer)
 
     # --- what a call reads ----------------------------------------------------------------
     @property
@@ -94,10 +138,29 @@ class ModelRepository:
         return current.models[name]
 
     def runner(self, model: ExplainerModel) -> Runner:
-        """The model's batcher; a direct run when batching is off or ``model`` was read just
-        before a reload replaced it."""
-        batcher = self._current.batchers.get(model.name)
-        return batcher if batcher is not None and batcher.model is model else Direct(model)
+        """The way to ``model``'s graph for one call: a lease on its batcher, also when a
+        reload replaced ``model`` after the call read it (its batcher stays open for the
+        call); a direct run when batching is off or that batcher is closed already. Pass it
+        to ``Pipeline.explain``, which ends the lease."""
+        with self._state_lock:
+            batcher = next((b for b in self._open if b.model is model), None)
+            if batcher is None:
+                return Direct(model)
+            self._leases[batcher] += 1
+        return Lease(batcher, self._release)
+
+    def _release(self, batcher: Batcher) -> None:
+        """A call is done with ``batcher``; the last one closes it when it was replaced."""
+        with self._state_lock:
+            self._leases[batcher] -= 1
+            if self._leases[batcher] > 0:
+                return
+            del self._leases[batcher]
+            if batcher not in self._replaced:
+                return
+            self._replaced.discard(batcher)
+            self._open.remove(batcher)
+        batcher.close()
 
     def announce(self) -> None:
         """Tell health that every model of the current set serves."""
@@ -108,8 +171,9 @@ class ModelRepository:
     # --- reload -----------------------------------------------------------------------------
     def reload(self) -> tuple[list[str], list[str]]:
         """Load the models folder again and swap the new set in; returns (loaded names,
-        refused "file: why" lines). Raises CamserveError, keeping the old set, when the
-        folder holds no usable model or the repository is closing."""
+        refused "file: why" lines). The replaced batchers close once no call borrows them.
+        Raises CamserveError, keeping the old set, when the folder holds no usable model or
+        the repository is closing."""
         with self._reload_lock:
             config = self.config
             if not self._reloadable:
@@ -124,22 +188,25 @@ class ModelRepository:
             default = config.default_model
             if default and default not in models:
                 log.warning("--default-model %r is not in the reloaded folder; the default is "
-                            "now %r", default, sorted(models)[0])
+                            "now %r", default, min(models))
                 default = None
-            new = ModelSet(models, default or sorted(models)[0], self._batchers(models))
+            new = ModelSet(models, default or min(models), self._batchers(models))
             with self._state_lock:
-                if self._closed:
-                    _close(new.batchers.values())
-                    raise OperatorError("the server is shutting down")
-                old, self._current = self._current, new
-                last_old = self._gate.advance()
-                self._retiring += old.batchers.values()
+                closing = self._closed
+                if closing:
+                    idle = list(new.batchers.values())
+                else:
+                    old, self._current = self._current, new
+                    self._open += new.batchers.values()
+                    idle = [b for b in old.batchers.values() if not self._leases[b]]
+                    self._replaced.update(b for b in old.batchers.values() if self._leases[b])
+                    self._open = [b for b in self._open if b not in idle]
+            _close(idle)
+            if closing:
+                raise OperatorError("the server is shutting down")
             self._report_health(set(old.models), set(models))
-            if old.batchers:
-                threading.Thread(target=self._retire, args=(list(old.batchers.values()),
-                                                            last_old),
-                                 daemon=True, name="retire-batchers").start()
-            log.info("reloaded: serving %s%s", ", ".join(sorted(models)),
+            log.info("reloaded: serving %s (versions %s)%s", ", ".join(sorted(models)),
+                     ", ".join(models[name].version for name in sorted(models)),
                      f"; refused {len(refused)} file(s)" if refused else "")
             return sorted(models), refused
 
@@ -159,17 +226,6 @@ class ModelRepository:
                               self.metrics)
                 for name, model in models.items()}
 
-    def _retire(self, batchers: list[Batcher], generation: int) -> None:
-        """Close replaced batchers once the calls that may hold them are done (a stream
-        open longer than the grace period no longer delays it)."""
-        self._gate.wait_idle(max(self.config.grace_seconds, 1.0), upto=generation)
-        deadline = time.monotonic() + RETIRE_WAIT_SECONDS
-        while any(b.pending for b in batchers) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        _close(batchers)
-        with self._state_lock:
-            self._retiring = [b for b in self._retiring if b not in batchers]
-
     # --- close ------------------------------------------------------------------------------
     def refuse_reloads(self) -> None:
         """From now on ``reload`` refuses (the server is stopping)."""
@@ -177,13 +233,14 @@ class ModelRepository:
             self._closed = True
 
     def close(self) -> None:
-        """Close every batcher, current and retiring; reloads are refused from now on."""
+        """Close every batcher, current and replaced; reloads are refused from now on."""
         with self._state_lock:
             self._closed = True
-            batchers = list(self._current.batchers.values()) + self._retiring
+            batchers, self._open = self._open, []
+            self._replaced.clear()
         _close(batchers)
 
 
-def _close(batchers) -> None:
+def _close(batchers: Iterable[Batcher]) -> None:
     for batcher in batchers:
         batcher.close()

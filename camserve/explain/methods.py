@@ -13,8 +13,8 @@ grad-cam 1.5.7 so the maps are comparable with it:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -106,6 +106,11 @@ METHODS: dict[str, CamMethod] = {
     "eigencam": eigencam,
     "eigengradcam": eigengradcam,
 }
+
+
+FORWARD_BATCH = 32  # masked images (Score-CAM) / ablated copies (Ablation-CAM) per run
+
+
 @dataclass(frozen=True)
 class Forward:
     """What a method that runs the network again needs: the model input [1,3,H,W], the
@@ -117,7 +122,7 @@ class Forward:
     image: np.ndarray
     classes: np.ndarray
     logits_of: Callable[[np.ndarray], np.ndarray]
-    batch_size: int = 32
+    batch_size: int = FORWARD_BATCH
     head_logits_of: Callable[[np.ndarray], np.ndarray] | None = None
 
 
@@ -125,20 +130,35 @@ def scorecam(activations: np.ndarray, forward: Forward) -> np.ndarray:
     """Score-CAM: each channel, upsampled and min-max scaled to [0,1], masks the input; the
     class logits of the C masked images, softmaxed over channels, are the weights.
 
-    Costs C extra forward passes, run as batches of ``forward.batch_size``.
+    Costs C extra forward passes, run as batches of ``forward.batch_size``. Each batch's
+    masks are made (``score_masks``) and multiplied into one reused buffer [S,3,H,W]
+    float32, so the extra memory is one batch, not the C masks at the input size (resnet18
+    ``layer4`` at 224: 512 x 224 x 224, 103 MB as float32).
     """
-    height, width = forward.image.shape[2:]
-    masks = upsample_align_corners(activations, height, width)  # [C,H,W]
-    low = masks.min(axis=(1, 2), keepdims=True)
-    masks = (masks - low) / (masks.max(axis=(1, 2), keepdims=True) - low + 1e-8)
+    image = forward.image  # [1,3,H,W]
+    channels = len(activations)
+    size = max(1, min(forward.batch_size, channels))
+    batch = np.empty((size, *image.shape[1:]), np.float32)
     scores = []
-    for start in range(0, len(masks), forward.batch_size):
-        chunk = masks[start:start + forward.batch_size, None] * forward.image  # [S,3,H,W]
-        scores.append(forward.logits_of(np.ascontiguousarray(chunk, np.float32)))
-    logits = np.concatenate(scores)[:, forward.classes].T  # [K,C]
+    for start in range(0, channels, size):
+        masks = score_masks(activations[start:start + size], *image.shape[2:])  # [S,H,W]
+        chunk = np.multiply(masks[:, None], image, out=batch[:len(masks)])  # [S,3,H,W]
+        scores.append(forward.logits_of(chunk)[:, forward.classes])
+    logits = np.concatenate(scores).T  # [K,C]
     weights = np.exp(logits - logits.max(axis=1, keepdims=True))
     weights /= weights.sum(axis=1, keepdims=True)
     return _weighted(weights, activations)
+
+
+def score_masks(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Score-CAM's masks: maps [S,h,w] upsampled to [S,H,W] (``upsample_align_corners``),
+    each min-max scaled to [0, 1] as grad-cam does, (x - min) / (max - min + 1e-8); float32.
+    """
+    masks = upsample_align_corners(maps, height, width)
+    flat = masks.reshape(len(masks), -1)
+    flat -= flat.min(axis=1, keepdims=True)  # then max(flat) is max - min, rounded alike
+    flat /= flat.max(axis=1, keepdims=True) + 1e-8
+    return masks
 
 
 ABLATION_OFFSET = 1e7  # grad-cam's ABLATION_VALUE
@@ -178,15 +198,18 @@ FORWARD_METHODS: dict[str, Callable[[np.ndarray, Forward], np.ndarray]] = {
 
 
 def upsample_align_corners(maps: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear upsampling of maps [C,h,w] to [C,H,W] with corners aligned (torch's
-    UpsamplingBilinear2d, which Score-CAM uses)."""
-    rows = _interpolation_matrix(maps.shape[1], height)
-    cols = _interpolation_matrix(maps.shape[2], width)
-    return np.einsum("Hh,chw,Ww->cHW", rows, maps, cols, optimize=True).astype(np.float32)
+    """Bilinear upsampling of maps [C,h,w] to float32 [C,H,W] with corners aligned (torch's
+    UpsamplingBilinear2d, which Score-CAM uses): two float32 matrix products per map, a new
+    array."""
+    rows = _interpolation_matrix(maps.shape[1], height)  # [H,h]
+    cols = _interpolation_matrix(maps.shape[2], width).T  # [w,W]
+    return rows @ (np.asarray(maps, np.float32) @ cols)
 
 
+@functools.lru_cache(maxsize=16)
 def _interpolation_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """[out, in] weights of align-corners linear interpolation along one axis."""
+    """[out, in] float32 weights of align-corners linear interpolation along one axis
+    (cached: read-only)."""
     position = (np.arange(size_out) * ((size_in - 1) / (size_out - 1)) if size_out > 1
                 else np.zeros(1))
     low = np.clip(np.floor(position).astype(int), 0, size_in - 1)
@@ -195,6 +218,8 @@ def _interpolation_matrix(size_in: int, size_out: int) -> np.ndarray:
     matrix = np.zeros((size_out, size_in))
     np.add.at(matrix, (np.arange(size_out), low), 1 - fraction)
     np.add.at(matrix, (np.arange(size_out), high), fraction)
+    matrix = matrix.astype(np.float32)
+    matrix.flags.writeable = False
     return matrix
 
 

@@ -231,6 +231,7 @@ class Replica(Child):
         self.index = index
         self.config = config
         self.ready = threading.Event()
+        self.replacing = False  # a rolling restart stops and starts it, not the supervisor
 
     @property
     def port(self) -> int:

@@ -10,6 +10,7 @@ import argparse
 import logging
 import queue
 import signal
+import threading
 from pathlib import Path
 
 from camserve.server import config as serve_config
@@ -24,8 +25,12 @@ def add_parser(subparsers) -> None:
         description="Start --replicas 'camserve serve' processes on free loopback ports and "
                     "Envoy in front of them on --port (gRPC, health-checked, least-request "
                     "balanced, retried on another replica). A replica that exits is "
-                    "restarted. SIGTERM/SIGINT: Envoy takes no new connections, the replicas "
-                    "finish their calls in flight, everything exits.")
+                    "restarted. SIGHUP: a rolling restart, for a new model version in the "
+                    "models folder: one replica at a time finishes its calls, exits and "
+                    "starts again, the next once Envoy counts it healthy (never fewer than "
+                    "replicas - 1 serve; no call fails). SIGTERM/SIGINT: Envoy takes "
+                    "no new connections, the replicas finish their calls in flight, "
+                    "everything exits.")
     p.add_argument("--replicas", type=int, default=3, help="camserve serve processes (default 3)")
     serve_config.add_arguments(p, names=["models"])
     p.add_argument("--host", default="127.0.0.1",
@@ -73,17 +78,21 @@ def _interrupt(signum, _frame) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Start the cluster, print its address, and stop it on SIGTERM/SIGINT (a second one
-    makes the replicas cancel the calls still in flight)."""
+    makes the replicas cancel the calls still in flight); SIGHUP replaces the replicas one
+    at a time (``RunningCluster.rolling_restart``: a new model version, no failed call)."""
     from camserve.server.cluster.supervisor import start_cluster
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    log = logging.getLogger("camserve.cluster")
     config = config_from(args)
+    received: queue.SimpleQueue[int] = queue.SimpleQueue()
+    # a SIGHUP while starting waits for the cluster to run (its default would end the process)
+    signal.signal(signal.SIGHUP, lambda signum, _frame: received.put(signum))
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         running = start_cluster(config)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    received: queue.SimpleQueue[int] = queue.SimpleQueue()
     stopping = False
 
     def on_signal(signum, _frame) -> None:
@@ -98,12 +107,15 @@ def run(args: argparse.Namespace) -> int:
     while True:
         try:
             signum = received.get(timeout=1.0)
-            break
         except queue.Empty:
             continue
+        if signum != signal.SIGHUP:
+            break
+        log.info("SIGHUP: replacing the replicas one at a time")
+        threading.Thread(target=running.rolling_restart, daemon=True,
+                         name="rolling-restart").start()
     stopping = True
-    logging.getLogger("camserve.cluster").info(
-        "%s: stopping the cluster (send it again to cancel calls still in flight)",
-        signal.Signals(signum).name)
+    log.info("%s: stopping the cluster (send it again to cancel calls still in flight)",
+             signal.Signals(signum).name)
     running.stop()
     return 0

@@ -6,6 +6,9 @@ SERVING, writes Envoy's configuration (``camserve.server.cluster.envoy``) into a
 folder, starts Envoy on the cluster's port and waits until a health call through Envoy is
 answered SERVING. From then on a supervisor thread restarts a replica, or Envoy, that exits:
 on the same ports, after a delay that doubles while it keeps failing.
+``RunningCluster.rolling_restart`` (SIGHUP to ``camserve cluster``) replaces the replicas one
+at a time, so that new processes read the models folder (a new model version) while the
+others serve.
 ``RunningCluster.stop`` closes Envoy's listener to new connections, sends SIGTERM to the
 replicas (they finish the calls in flight within their grace period and exit) and then
 stops Envoy.
@@ -20,6 +23,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +67,10 @@ class RunningCluster:
         self._lock = threading.Lock()
         self._stopped = False
         self._supervisor: threading.Thread | None = None
+        self._rolling = threading.Lock()  # one rolling restart at a time
+        # held while a child is spawned or handed to a rolling restart: once ``stop`` has set
+        # ``_stopping`` under it, nothing starts a child any more
+        self._children = threading.Lock()
         # the children's pids, for the next cluster on these ports (``leftovers``)
         self.record = leftovers.record_path(config.host, config.port, config.metrics_port_base)
         self.record_children()
@@ -103,13 +111,16 @@ class RunningCluster:
         while not self._stopping.wait(0.2):
             for child in [*self.replicas, self.envoy]:
                 try:
-                    self._look_after(child)
+                    with self._children:
+                        self._look_after(child)
                 except OSError as exc:  # e.g. out of processes: try again on the next round
                     log.error("could not restart %s: %s", child.name, exc)
                 except Exception:  # the supervisor must outlive any one failure
                     log.exception("supervising %s failed", child.name)
 
     def _look_after(self, child: Child) -> None:
+        if isinstance(child, Replica) and child.replacing:
+            return  # ``rolling_restart`` stops and starts it
         code = child.process.poll() if child.process is not None else None
         if code is None:
             if isinstance(child, Replica) and child.restarts and not child.ready.is_set():
@@ -130,6 +141,98 @@ class RunningCluster:
             log.warning("%s restarted (pid %d, restart %d)", child.name, child.pid,
                         child.restarts)
 
+    # --- rolling restart --------------------------------------------------------------------
+    def rolling_restart(self) -> bool:
+        """Replace the replicas one at a time, in index order, so that new processes read the
+        models folder (a new model version) while the others serve. For each: wait until
+        Envoy counts every other replica healthy (never fewer than N-1 serving); SIGTERM it
+        (health NOT_SERVING, Envoy retries the calls it refuses on another replica, the calls
+        in flight finish within its grace period); start a new process on its ports; wait
+        until it answers SERVING and Envoy counts it healthy.
+
+        Stops at a replica whose new process does not come back SERVING (a broken models
+        folder, say), leaving the others serving the old version and that one to the
+        supervisor's restarts. Returns False when one is already under way, the cluster is
+        stopping, or a step did not happen within the start timeout; True when every
+        replica was replaced."""
+        if not self._rolling.acquire(blocking=False):
+            log.warning("a rolling restart is already under way")
+            return False
+        try:
+            log.info("rolling restart of %d replica(s)", len(self.replicas))
+            for replica in self.replicas:
+                if not self._replace(replica):
+                    return False
+            log.info("rolling restart done: %d replica(s) replaced", len(self.replicas))
+            return True
+        finally:
+            self._rolling.release()
+
+    def _replace(self, replica: Replica) -> bool:
+        """Stop ``replica`` gracefully and start it again; True once Envoy counts the new
+        process healthy."""
+        deadline = time.monotonic() + self.config.start_timeout_s
+        others = [r for r in self.replicas if r is not replica]
+        if not self._until(lambda: all(self._envoy_counts_healthy(r) for r in others),
+                           deadline):
+            log.error("rolling restart stopped before replica %d: Envoy does not count the "
+                      "other replicas healthy", replica.index)
+            return False
+        with self._children:
+            if self._stopping.is_set():
+                return False
+            replica.replacing = True  # the supervisor leaves it to us from now on
+        try:
+            grace = self.config.replica.grace_seconds
+            old_pid = replica.pid
+            log.info("rolling restart: replica %d (pid %s) finishes its calls (up to %g s)",
+                     replica.index, old_pid, grace)
+            replica.send(signal.SIGTERM)
+            if not replica.wait(grace + EXIT_MARGIN_S):
+                log.warning("replica %d (pid %s) did not exit in time; killing it",
+                            replica.index, old_pid)
+                replica.kill()
+            replica.join_output()
+            with self._children:
+                if self._stopping.is_set():
+                    return False
+                replica.restart_at = None
+                replica.restarts += 1
+                replica.spawn()
+                self.record_children()
+            deadline = time.monotonic() + self.config.start_timeout_s
+            if not probes.wait_serving(replica.health_address, deadline, replica.alive):
+                log.error("rolling restart stopped: replica %d did not come back (%s); the "
+                          "others keep serving", replica.index, replica.last_words())
+                return False
+            replica.ready.set()
+            if not self._until(lambda: self._envoy_counts_healthy(replica), deadline):
+                log.error("rolling restart stopped: Envoy does not count replica %d healthy",
+                          replica.index)
+                return False
+            log.info("rolling restart: replica %d serving again (pid %d)", replica.index,
+                     replica.pid)
+            return True
+        finally:
+            replica.replacing = False
+
+    def _until(self, condition: Callable[[], bool], deadline: float) -> bool:
+        """Poll ``condition`` until it holds (True), or the monotonic ``deadline`` passes or
+        the cluster stops first (False)."""
+        while not condition():
+            if time.monotonic() > deadline or self._stopping.is_set():
+                return False
+            time.sleep(probes.POLL_S)
+        return True
+
+    def _envoy_counts_healthy(self, replica: Replica) -> bool:
+        """Envoy routes calls to ``replica``: its health checks pass and outlier detection
+        has not ejected it."""
+        try:
+            return bool(self.host_stats().get(replica.address, {}).get("healthy"))
+        except (OSError, ValueError):  # Envoy restarting: ask again
+            return False
+
     # --- stop -------------------------------------------------------------------------------
     def hurry(self) -> None:
         """Make replicas still finishing calls cancel them (their second SIGTERM)."""
@@ -143,7 +246,8 @@ class RunningCluster:
             if self._stopped:
                 return
             self._stopped = True
-        self._stopping.set()
+        with self._children:  # a rolling restart starts no replica from now on
+            self._stopping.set()
         if self._supervisor is not None:
             self._supervisor.join()
         grace = self.config.replica.grace_seconds

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from camserve.client import ExplainOptions
-from camserve.errors import CallerError
+from camserve.errors import CallerError, LimitError
 from camserve.explain.image import ImageError, Window, decode, decode_for, to_8bit
 
 
@@ -112,3 +112,13 @@ def test_a_truncated_16bit_png_header_is_a_clear_error():
         decode(data[:25])
     with pytest.raises(CallerError):
         decode(data[:24])
+
+
+@pytest.mark.parametrize("window", [None, Window(2048.0, 4096.0)])
+def test_the_declared_size_bounds_a_16bit_decode(window):
+    """A 16-bit PNG whose header declares 20000 x 20000 pixels (800 MB of samples) is refused
+    from its header, with or without a window, before anything is decoded."""
+    data = bytearray(_png(_xray()))
+    data[16:24] = (20000).to_bytes(4, "big") * 2  # IHDR width, height
+    with pytest.raises(LimitError, match="declares 20000x20000 pixels"):
+        decode(bytes(data), max_pixels=36_000_000, window=window)
