@@ -2,10 +2,7 @@
 control (``--max-inflight-mb``) admits requests while the estimates in flight fit.
 
 Reads only what the request declares (an image header, a raw frame's size, the options) and
-the model card; nothing is decoded. Numbers are bytes. A request's memory has two phases
-that do not overlap, since the decoded frame is dropped once the model input is built:
-decoding (the frame and its conversions) and explaining (the graph runs and the maps). Its
-image bytes and the model input live through both.
+the model card; nothing is decoded. Numbers are bytes.
 """
 
 from __future__ import annotations
@@ -16,87 +13,35 @@ from camserve.explain import attributions, methods
 from camserve.explain.image import declared_size
 from camserve.v1 import explainer_pb2 as pb
 
-F32 = 4  # bytes per float32
-# what any call costs beyond its arrays: the first touch of a worker thread's stack and
-# allocator arena, gRPC's buffers, the decoder's own (measured: 5-6 MiB on a fresh server)
-CALL_OVERHEAD = 8 * 1024 * 1024
-# a request's image bytes are held twice while it runs: the parsed message, and the copy
-# protobuf hands out when the field is read
-RECEIVED_COPIES = 2
-# onnxruntime's working memory per image of a graph run (the intermediate activations alive
-# at once), in model inputs. From the card alone the graph is unknown. Measured per image of
-# a smoothed batch with onnxruntime's CPU arena off: TinyNet ~5, EfficientNet-Lite0 ~6 (with
-# the arena on, which grows by powers of two and keeps what it took, up to 2x more). The
-# liveness bound of the graphs (the largest set of tensors alive at once): TinyNet 5,
-# Lite0 16, ResNet-50 16, DenseNet-121 15, ResNet-18 11; EfficientNet-B0 24, ConvNeXt-T 26
-# and VGG-16 43, for which this can fall short.
-GRAPH_WORK = 16
-# a smoothed batch is built as noise, noise x sigma and their sum: three copies per image
-SMOOTHING_COPIES = 3
-# maps per image while smoothing: the method's maps, their stack and the un-mirrored copy
-SMOOTHED_MAP_COPIES = 3
-# the response's maps: computed, stacked or mapped onto the photo (float32), then float16 on
-# the wire in the message and serialized: four float32 maps' worth
-RESPONSE_MAP_COPIES = 4
-# Score-CAM normalises the upsampled channels [C,H,W] out of place: up to three at once
-SCORECAM_MASK_COPIES = 3
+SCORECAM_CHUNK = 32  # masked images per Score-CAM / Ablation-CAM run (methods.Forward)
 
 
 def estimate_bytes(request: pb.ExplainRequest, card: ModelCard) -> int:
     """A request's peak memory in bytes, estimated from what it declares before any work
-    (headers only, nothing decoded): the call's overhead, its image bytes and model input
-    (float32 [C,H,W]), plus the larger of decoding (``decoding_bytes``) and explaining
-    (``explaining_bytes``). For admission control: an upper bound of the right order, not
-    an exact figure (see ``GRAPH_WORK`` for where it can fall short)."""
+    (headers only, nothing decoded): the decoded frame (H x W x 3 from the image header or
+    the raw frame's size) and its copies while converting and preprocessing, the model input
+    (float32 [3,H,W]) times the images the request runs (smoothing copies, input-space
+    batches), the activations and gradients of its layers per image, Score-CAM's and
+    Ablation-CAM's masks and batches, and the maps (per image while smoothing). For
+    admission control: an upper bound of the right order, not an exact figure."""
     height, width = card.input_size
-    model_input = card.preprocessing.channels * height * width * F32
+    model_input = 3 * height * width * 4
     kind = request.WhichOneof("image")
-    encoded = request.encoded if kind == "encoded" else b""  # reading the field copies it
-    size = declared_size(encoded) if encoded else None
-    if size is not None:
-        _, frame_w, frame_h = size
+    frame_h = frame_w = 0
+    received = 0
+    if kind == "encoded":
+        size = declared_size(request.encoded)
+        if size is not None:
+            _, frame_w, frame_h = size
     elif kind == "pixels":
         frame_h, frame_w = request.pixels.height, request.pixels.width
-    else:  # a preprocessed tensor, or a header the decoder will refuse
-        frame_h = frame_w = 0
-    sixteen_bit = request.HasField("window") or (
-        size is not None and size[0] == "PNG" and encoded[24:25] == b"\x10")  # IHDR depth
-    received = request.ByteSize()  # the image bytes and a few options
-    return (CALL_OVERHEAD + RECEIVED_COPIES * received + model_input
-            + max(decoding_bytes(frame_h * frame_w, sixteen_bit, model_input),
-                  explaining_bytes(request, card, frame_h * frame_w)))
-
-
-def decoding_bytes(pixels: int, sixteen_bit: bool, model_input: int) -> int:
-    """Decoding a frame of ``pixels`` pixels into the model input: the decoded frame and its
-    colour conversion (uint8 [H0,W0,3] each; a 16-bit or windowed image also has its
-    samples, up to 2 bytes x 3 channels a pixel), one block of rows being resampled (at
-    most another frame) and the preprocessing's float32 copies of the model input."""
-    frame = 3 * pixels
-    return (4 if sixteen_bit else 2) * frame + 2 * model_input
-
-
-def explaining_bytes(request: pb.ExplainRequest, card: ModelCard, pixels: int) -> int:
-    """Running the graph(s) and making the maps: per image run, its copies, the graph's
-    working memory (``GRAPH_WORK``) and the activations and gradients it returns; the maps;
-    Score-CAM's masks and Ablation-CAM's ablated copies with their batched runs."""
-    height, width = card.input_size
-    model_input = card.preprocessing.channels * height * width * F32
-    graph = GRAPH_WORK * model_input
+        received = len(request.pixels.pixels)  # converted from, held alongside
+    frame = frame_h * frame_w * 3
+    # decoded + colour-converted frame, and the resized/cropped/normalised model input
+    before = received + 2 * frame + 3 * model_input
     targets = min(max(1, len(request.classes) + request.top_k), max(1, card.num_classes))
     method = request.method or methods.DEFAULT_METHOD
     smoothing = request.smoothing
-    names = set(request.layers) or {layer.name for layer in card.layers}
-    shapes = [layer.shape for layer in card.layers if layer.name in names]
-    outputs = sum(F32 * c * h * w * (1 + targets) for c, h, w in shapes)  # per image
-    space = request.output.space or pb.MODEL_INPUT
-    area = height * width  # maps are made at the model input, except on the feature map
-    if space == pb.FEATURE_MAP:
-        area = max((h * w for _, h, w in shapes), default=area)
-    response_area = max(area, pixels) if space == pb.ORIGINAL_IMAGE else area
-    maps = F32 * targets * area  # one image's maps [K, h, w]
-    response = RESPONSE_MAP_COPIES * F32 * targets * response_area
-    first_run = graph + outputs  # every request runs the explainer graph once first
     if method in attributions.METHODS:
         try:
             images = max(1, attributions.batch_size(
@@ -104,22 +49,25 @@ def explaining_bytes(request: pb.ExplainRequest, card: ModelCard, pixels: int) -
                 request.integrated_gradients.steps or attributions.IG_STEPS))
         except (CamserveError, ValueError, KeyError):
             images = 1
-        # each image: its input and copies, one input gradient per target, the graph's work
-        per_image = (SMOOTHING_COPIES + targets) * model_input + graph
-        return first_run + images * per_image + response
+        # each image's input and one input gradient per target, and the maps
+        return before + images * model_input * (1 + targets) + 2 * targets * model_input
     images = 1
     if smoothing.noise_samples or smoothing.horizontal_flip:
         images = max(smoothing.noise_samples, 1) * (2 if smoothing.horizontal_flip else 1)
-    if images > 1:
-        per_image = (SMOOTHING_COPIES * model_input + graph + outputs
-                     + SMOOTHED_MAP_COPIES * maps)
-        return images * per_image + response
+    names = set(request.layers) or {layer.name for layer in card.layers}
+    shapes = [layer.shape for layer in card.layers if layer.name in names]
+    per_image = model_input + sum(4 * c * h * w * (1 + targets) for c, h, w in shapes)
+    space = request.output.space or pb.MODEL_INPUT
+    area = height * width
+    if space == pb.ORIGINAL_IMAGE and frame_h * frame_w:
+        area = max(area, frame_h * frame_w)
+    elif space == pb.FEATURE_MAP:
+        area = max((h * w for _, h, w in shapes), default=area)
+    maps = 4 * targets * area
     extra = 0
-    if method == "scorecam":  # every channel upsampled to the input, chunks of masked inputs
-        extra = (max((SCORECAM_MASK_COPIES * F32 * c * height * width for c, _, _ in shapes),
-                     default=0)
-                 + methods.FORWARD_BATCH * (2 * model_input + graph))
-    elif method == "ablationcam":  # chunks of ablated activations through the layer's head
-        extra = max((methods.FORWARD_BATCH * 3 * F32 * c * h * w for c, h, w in shapes),
-                    default=0)
-    return first_run + extra + response
+    if method == "scorecam":  # every channel upsampled to the input, a chunk of masked inputs
+        extra = max((4 * c * height * width for c, _, _ in shapes), default=0) + \
+            SCORECAM_CHUNK * model_input
+    elif method == "ablationcam":  # a chunk of ablated copies of the activations
+        extra = max((SCORECAM_CHUNK * 4 * c * h * w for c, h, w in shapes), default=0)
+    return before + images * (per_image + maps) + extra + 2 * maps
