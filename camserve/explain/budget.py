@@ -2,7 +2,9 @@
 control (``--max-inflight-mb``) admits requests while the estimates in flight fit.
 
 Reads only what the request declares (an image header, a raw frame's size, the options) and
-the model card; nothing is decoded. Numbers are bytes.
+the model card; nothing is decoded. Numbers are bytes. Each term is what measured RSS showed
+(a server process with onnxruntime's CPU arena off, one request at a time): the estimate is
+meant as an upper bound of the right order, not an exact figure.
 """
 
 from __future__ import annotations
@@ -13,35 +15,86 @@ from camserve.explain import attributions, methods
 from camserve.explain.image import declared_size
 from camserve.v1 import explainer_pb2 as pb
 
-SCORECAM_CHUNK = 32  # masked images per Score-CAM / Ablation-CAM run (methods.Forward)
+F32 = 4  # bytes per float32
+# a raw frame's bytes are held twice while the call runs: in the parsed message, and in the
+# copy protobuf hands out when the field is read (the frame is converted from that copy)
+RECEIVED_COPIES = 2
+# onnxruntime's working memory per image of a graph run (the intermediate activations alive
+# at once), in model inputs; the card does not say how big the graph is. Measured per image
+# of a smoothed batch: TinyNet ~5, EfficientNet-Lite0 ~6. The liveness bound (the largest
+# set of tensors alive at once) of ResNet-50 is 16, DenseNet-121 15, ResNet-18 11,
+# EfficientNet-B0 24, ConvNeXt-T 26, VGG-16 43: on such graphs, with a batch, this can fall
+# short by a few times.
+GRAPH_WORK = 8
+# a smoothed batch is built as noise, noise x sigma and their sum: three copies per image
+SMOOTHING_COPIES = 3
+# maps per image while smoothing: the method's maps, their stack and the un-mirrored copy
+SMOOTHED_MAP_COPIES = 3
+# the response's maps: computed, stacked or mapped onto the photo, encoded for the wire
+RESPONSE_MAP_COPIES = 3
+# Score-CAM normalises the upsampled channels [C,H,W] out of place: up to three at once
+SCORECAM_MASK_COPIES = 3
 
 
 def estimate_bytes(request: pb.ExplainRequest, card: ModelCard) -> int:
     """A request's peak memory in bytes, estimated from what it declares before any work
-    (headers only, nothing decoded): the decoded frame (H x W x 3 from the image header or
-    the raw frame's size) and its copies while converting and preprocessing, the model input
-    (float32 [3,H,W]) times the images the request runs (smoothing copies, input-space
-    batches), the activations and gradients of its layers per image, Score-CAM's and
-    Ablation-CAM's masks and batches, and the maps (per image while smoothing). For
-    admission control: an upper bound of the right order, not an exact figure."""
-    height, width = card.input_size
-    model_input = 3 * height * width * 4
+    (headers only, nothing decoded): decoding (``decoding_bytes``) plus explaining
+    (``explaining_bytes``)."""
     kind = request.WhichOneof("image")
-    frame_h = frame_w = 0
-    received = 0
-    if kind == "encoded":
-        size = declared_size(request.encoded)
-        if size is not None:
-            _, frame_w, frame_h = size
+    encoded = request.encoded if kind == "encoded" else b""  # reading the field copies it
+    size = declared_size(encoded) if encoded else None
+    if size is not None:
+        _, frame_w, frame_h = size
     elif kind == "pixels":
         frame_h, frame_w = request.pixels.height, request.pixels.width
-        received = len(request.pixels.pixels)  # converted from, held alongside
-    frame = frame_h * frame_w * 3
-    # decoded + colour-converted frame, and the resized/cropped/normalised model input
-    before = received + 2 * frame + 3 * model_input
+    else:  # a preprocessed tensor, or a header the decoder will refuse
+        frame_h = frame_w = 0
+    sixteen_bit = request.HasField("window") or (
+        size is not None and size[0] == "PNG" and encoded[24:25] == b"\x10")  # IHDR depth
+    received = request.pixels.ByteSize() if kind == "pixels" else 0
+    return (decoding_bytes(frame_h * frame_w, sixteen_bit, received, card)
+            + explaining_bytes(request, card, frame_h * frame_w))
+
+
+def _model_input(card: ModelCard) -> int:
+    """Bytes of one model input, float32 [C,H,W]."""
+    height, width = card.input_size
+    return card.preprocessing.channels * height * width * F32
+
+
+def decoding_bytes(pixels: int, sixteen_bit: bool, received: int, card: ModelCard) -> int:
+    """Decoding a frame of ``pixels`` pixels into the model input: a raw frame's bytes
+    (``received``, ``RECEIVED_COPIES``), the decoded frame and its colour conversion (uint8
+    [H0,W0,3] each; a 16-bit or windowed image also has its samples, up to 2 bytes x 3
+    channels a pixel; one block of rows being resampled takes less than a frame) and the
+    preprocessing's float32 copies of the model input."""
+    frame = 3 * pixels
+    return (RECEIVED_COPIES * received + (4 if sixteen_bit else 2) * frame
+            + 3 * _model_input(card))
+
+
+def explaining_bytes(request: pb.ExplainRequest, card: ModelCard, pixels: int) -> int:
+    """Running the graph(s) and making the maps: per image run, its copies, the graph's
+    working memory (``GRAPH_WORK``) and the activations and gradients it returns; the maps;
+    Score-CAM's masks and Ablation-CAM's ablated copies with their batched runs. ``pixels``:
+    the frame's, for maps on the original image."""
+    height, width = card.input_size
+    model_input = _model_input(card)
+    graph = GRAPH_WORK * model_input
     targets = min(max(1, len(request.classes) + request.top_k), max(1, card.num_classes))
     method = request.method or methods.DEFAULT_METHOD
     smoothing = request.smoothing
+    names = set(request.layers) or {layer.name for layer in card.layers}
+    shapes = [layer.shape for layer in card.layers if layer.name in names]
+    outputs = sum(F32 * c * h * w * (1 + targets) for c, h, w in shapes)  # per image
+    space = request.output.space or pb.MODEL_INPUT
+    area = height * width  # maps are made at the model input, except on the feature map
+    if space == pb.FEATURE_MAP:
+        area = max((h * w for _, h, w in shapes), default=area)
+    response_area = max(area, pixels) if space == pb.ORIGINAL_IMAGE else area
+    maps = F32 * targets * area  # one image's maps [K, h, w]
+    response = RESPONSE_MAP_COPIES * F32 * targets * response_area
+    first_run = graph + outputs  # every request runs the explainer graph once first
     if method in attributions.METHODS:
         try:
             images = max(1, attributions.batch_size(
@@ -49,25 +102,22 @@ def estimate_bytes(request: pb.ExplainRequest, card: ModelCard) -> int:
                 request.integrated_gradients.steps or attributions.IG_STEPS))
         except (CamserveError, ValueError, KeyError):
             images = 1
-        # each image's input and one input gradient per target, and the maps
-        return before + images * model_input * (1 + targets) + 2 * targets * model_input
+        # each image: its input and copies, one input gradient per target, the graph's work
+        per_image = (SMOOTHING_COPIES + targets) * model_input + graph
+        return first_run + images * per_image + response
     images = 1
     if smoothing.noise_samples or smoothing.horizontal_flip:
         images = max(smoothing.noise_samples, 1) * (2 if smoothing.horizontal_flip else 1)
-    names = set(request.layers) or {layer.name for layer in card.layers}
-    shapes = [layer.shape for layer in card.layers if layer.name in names]
-    per_image = model_input + sum(4 * c * h * w * (1 + targets) for c, h, w in shapes)
-    space = request.output.space or pb.MODEL_INPUT
-    area = height * width
-    if space == pb.ORIGINAL_IMAGE and frame_h * frame_w:
-        area = max(area, frame_h * frame_w)
-    elif space == pb.FEATURE_MAP:
-        area = max((h * w for _, h, w in shapes), default=area)
-    maps = 4 * targets * area
+    if images > 1:
+        per_image = (SMOOTHING_COPIES * model_input + graph + outputs
+                     + SMOOTHED_MAP_COPIES * maps)
+        return images * per_image + response
     extra = 0
-    if method == "scorecam":  # every channel upsampled to the input, a chunk of masked inputs
-        extra = max((4 * c * height * width for c, _, _ in shapes), default=0) + \
-            SCORECAM_CHUNK * model_input
-    elif method == "ablationcam":  # a chunk of ablated copies of the activations
-        extra = max((SCORECAM_CHUNK * 4 * c * h * w for c, h, w in shapes), default=0)
-    return before + images * (per_image + maps) + extra + 2 * maps
+    if method == "scorecam":  # every channel upsampled to the input, chunks of masked inputs
+        extra = (max((SCORECAM_MASK_COPIES * F32 * c * height * width for c, _, _ in shapes),
+                     default=0)
+                 + methods.FORWARD_BATCH * (2 * model_input + graph))
+    elif method == "ablationcam":  # chunks of ablated activations through the layer's head
+        extra = max((methods.FORWARD_BATCH * 3 * F32 * c * h * w for c, h, w in shapes),
+                    default=0)
+    return first_run + extra + response

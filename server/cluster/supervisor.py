@@ -150,11 +150,12 @@ class RunningCluster:
         in flight finish within its grace period); start a new process on its ports; wait
         until it answers SERVING and Envoy counts it healthy.
 
-        Stops at a replica whose new process does not come back SERVING (a broken models
-        folder, say), leaving the others serving the old version and that one to the
-        supervisor's restarts. Returns False when one is already under way, the cluster is
-        stopping, or a step did not happen within the start timeout; True when every
-        replica was replaced."""
+        A new process that exits while starting is started again with the supervisor's
+        backoff; the restart stops at a replica that is not back SERVING within the start
+        timeout (a broken models folder, say), leaving the others serving the old version and
+        that one to the supervisor's restarts. Returns False when one is already under way,
+        the cluster is stopping, or a step did not happen within the start timeout; True
+        when every replica was replaced."""
         if not self._rolling.acquire(blocking=False):
             log.warning("a rolling restart is already under way")
             return False
@@ -193,15 +194,8 @@ class RunningCluster:
                             replica.index, old_pid)
                 replica.kill()
             replica.join_output()
-            with self._children:
-                if self._stopping.is_set():
-                    return False
-                replica.restart_at = None
-                replica.restarts += 1
-                replica.spawn()
-                self.record_children()
             deadline = time.monotonic() + self.config.start_timeout_s
-            if not probes.wait_serving(replica.health_address, deadline, replica.alive):
+            if not self._start_again(replica, deadline):
                 log.error("rolling restart stopped: replica %d did not come back (%s); the "
                           "others keep serving", replica.index, replica.last_words())
                 return False
@@ -215,6 +209,30 @@ class RunningCluster:
             return True
         finally:
             replica.replacing = False
+
+    def _start_again(self, replica: Replica, deadline: float) -> bool:
+        """Start ``replica``'s new process and wait until it answers SERVING; one that exits
+        while starting is started again after the supervisor's backoff, until the monotonic
+        ``deadline``. False when it passed, or the cluster stops, first."""
+        while True:
+            with self._children:
+                if self._stopping.is_set():
+                    return False
+                replica.restart_at = None
+                replica.restarts += 1
+                replica.spawn()
+                self.record_children()
+            if probes.wait_serving(replica.health_address, deadline, replica.alive):
+                return True
+            if replica.alive() or self._stopping.is_set():
+                return False  # the deadline passed
+            replica.join_output()
+            delay = replica.schedule_restart(time.monotonic())
+            log.warning("replica %d %s while starting (last output: %s); starting it again "
+                        "in %.1f s", replica.index, describe_exit(replica.process.returncode),
+                        replica.last_words(), delay)
+            if time.monotonic() + delay > deadline or self._stopping.wait(delay):
+                return False
 
     def _until(self, condition: Callable[[], bool], deadline: float) -> bool:
         """Poll ``condition`` until it holds (True), or the monotonic ``deadline`` passes or
