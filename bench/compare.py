@@ -176,11 +176,13 @@ def worker(args: argparse.Namespace) -> None:
 
 
 class Side:
-    """A worker process: ``ask(command)`` -> the milliseconds it reports."""
+    """A worker process of ``script`` (``--worker KIND``): ``ask(command)`` -> the
+    milliseconds it reports, ``ask_line(command)`` -> its answer line. bench/expensive_methods.py
+    runs its own workers through it too."""
 
-    def __init__(self, kind: str, common: list[str], *extra: str) -> None:
+    def __init__(self, kind: str, common: list[str], *extra: str, script: str = __file__) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--worker", kind, *common, *extra],
+            [sys.executable, script, "--worker", kind, *common, *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         if not line.startswith("ready "):
@@ -188,14 +190,17 @@ class Side:
             raise RuntimeError(f"the {kind} process did not start")
         self.info = json.loads(line[6:])
 
-    def ask(self, command: str) -> float:
+    def ask_line(self, command: str) -> str:
         self.process.stdin.write(command + "\n")
         self.process.stdin.flush()
-        return float(self.process.stdout.readline())
+        return self.process.stdout.readline().strip()
+
+    def ask(self, command: str) -> float:
+        return float(self.ask_line(command))
 
     def stop(self) -> None:
         self.process.stdin.close()
-        self.process.wait(30)
+        self.process.wait(60)
 
 
 # --- models ---------------------------------------------------------------------------------

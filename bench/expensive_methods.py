@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import Server, machine, progress  # bench/compare.py
+from compare import Server, Side, machine, progress  # bench/compare.py
 from frames import summary, time_rounds  # bench/frames.py
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,31 +130,6 @@ def worker(args: argparse.Namespace) -> None:
         print(f"{(time.perf_counter() - start) * 1e3:.4f}", flush=True)
 
 
-class Side:
-    """A worker process: ``ask(command)`` -> its answer line."""
-
-    def __init__(self, kind: str, common: list[str]) -> None:
-        self.kind = kind
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--worker", kind, *common],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        line = self.process.stdout.readline()
-        if not line.startswith("ready "):
-            self.process.kill()
-            raise RuntimeError(f"the {kind} process did not start")
-        self.info = json.loads(line[6:])
-
-    def ask(self, command: str) -> str:
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-        return self.process.stdout.readline().strip()
-
-    def stop(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(60)
-
-
-# --- the model ------------------------------------------------------------------------------
 def prepare(folder: Path) -> None:
     """(in a torch process) ``--prepare FOLDER``: resnet18's seeded state_dict."""
     import torch
@@ -195,9 +170,9 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     load_before = os.getloadavg()
     try:
         progress("starting the sides")
-        sides["camserve"] = Side("camserve", common)
+        sides["camserve"] = Side("camserve", common, script=__file__)
         if not args.no_torch:
-            sides["grad-cam"] = Side("grad-cam", common)
+            sides["grad-cam"] = Side("grad-cam", common, script=__file__)
         tops = {name: side.info["top_classes"] for name, side in sides.items()}
         if any(top != tops["camserve"] for top in tops.values()):
             raise RuntimeError(f"the sides disagree on the top classes: {tops}")
@@ -207,7 +182,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         for method in args.methods:
             for name, side in sides.items():
                 calls[f"{method}/{name}"] = (
-                    lambda side=side, method=method: float(side.ask(f"run {method} {listed}")))
+                    lambda side=side, method=method: side.ask(f"run {method} {listed}"))
         last_e2e: dict[str, np.ndarray] = {}
         if not args.no_e2e:
             server = Server(explainer.parent, args.threads, [], scratch / "server.log", "cpu")
@@ -230,7 +205,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         for method in args.methods:
             for name, side in sides.items():
                 path = scratch / f"{method}-{name}.npy"
-                side.ask(f"save {method} {path}")
+                side.ask_line(f"save {method} {path}")
                 maps[f"{method}/{name}"] = np.load(path)
             if method in last_e2e:
                 maps[f"{method}/camserve e2e"] = last_e2e[method]
