@@ -22,9 +22,6 @@ from camserve.errors import CamserveError, DeadlineError
 from camserve.server.metrics import Metrics
 from camserve.server.runtime import ExplainerModel
 
-import os
-_EXP_DIRECT = os.environ.get("CAMSERVE_EXP_DIRECT", "1") == "1"
-
 # (logits [1,N], classes [1,K], {layer: (activations [1,C,h,w], gradients [1,K,C,h,w])})
 Result = tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]
 
@@ -52,7 +49,6 @@ class Batcher:
         self._jobs: deque[_Job] = deque()
         self._waiting = 0  # request threads between "about to submit" and their result
         self._ready = threading.Condition()
-        self._running = False  # a graph run (batched or direct) is in progress
         self._closed = False
         self.batch_sizes: Counter[int] = Counter()  # how many runs had each batch size
         self.metrics = metrics
@@ -87,23 +83,14 @@ class Batcher:
             if self._closed:
                 self._waiting -= 1
                 raise CamserveError("the server is shutting down")
-            # alone: no run in progress, nothing queued, no other request on its way
-            direct = _EXP_DIRECT and not self._running and not self._jobs and self._waiting == 1
-            if direct:
-                self._running = True
-            else:
-                self._jobs.append(job)
-                self._ready.notify_all()
-                if self.metrics:
-                    self.metrics.queue_depth.labels(self.model.name).set(len(self._jobs))
+            self._jobs.append(job)
+            self._ready.notify_all()
+            if self.metrics:
+                self.metrics.queue_depth.labels(self.model.name).set(len(self._jobs))
         try:
-            if direct:
-                self._execute([job])
             return job.future.result()
         finally:
             with self._ready:
-                if direct:
-                    self._running = False
                 self._waiting -= 1
                 self._ready.notify_all()
 
@@ -116,17 +103,12 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._ready:
-                while (self._running or not self._jobs) and not self._closed:
+                while not self._jobs and not self._closed:
                     self._ready.wait()
                 if not self._jobs:
                     return
-                self._running = True
                 batch = self._collect()
-            try:
-                self._execute(batch)
-            finally:
-                with self._ready:
-                    self._running = False
+            self._execute(batch)
 
     def _collect(self) -> list[_Job]:
         """The next batch (called holding the lock): the oldest job plus compatible ones."""

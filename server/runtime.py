@@ -190,10 +190,6 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     if threads:
         options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    import os
-    for kv in filter(None, os.environ.get("CAMSERVE_EXP_ORT", "").split(";")):
-        k, _, v = kv.partition("=")
-        options.add_session_config_entry(k, v)
     return options
 
 
