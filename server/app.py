@@ -95,12 +95,15 @@ class RunningServer:
         threading.Thread(target=run, daemon=True, name="reload").start()
 
     def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, new calls UNAVAILABLE; calls in flight get ``grace`` seconds
-        (default: the config's) to finish, then are cancelled; then the batchers close."""
+        """Health NOT_SERVING; after the config's ``drain_seconds`` (calls still taken, so a
+        load balancer takes the server out first) new calls UNAVAILABLE; calls in flight get
+        ``grace`` seconds (default: the config's) to finish, then are cancelled; then the
+        batchers close."""
         grace = self.config.grace_seconds if grace is None else max(0.0, grace)
-        deadline = time.monotonic() + grace
         self.repository.refuse_reloads()
         self.health.enter_graceful_shutdown()
+        self._gate.drain(self.config.drain_seconds)
+        deadline = time.monotonic() + grace
         self._gate.close()
         if not self._gate.wait_settled(grace):
             log.warning("stopping with %d call(s) still in flight", self._gate.in_flight)

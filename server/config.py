@@ -20,7 +20,8 @@ DEVICES = ("auto", "cpu", "cuda")
 def _option(default: Any, help: str, *, flag: str | None = None, metavar: str | None = None,
             choices: tuple[str, ...] | None = None, negate: str | None = None) -> Any:
     """A config field with its command-line flag (default: --field-name); ``negate`` makes
-    a boolean that defaults to True a ``--no-...`` switch."""
+    a boolean that defaults to True a ``--no-...`` switch, and a boolean that defaults to
+    False is a switch of its own flag."""
     return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar,
                                              "choices": choices, "negate": negate})
 
@@ -36,6 +37,9 @@ class ServerConfig:
                           "named", choices=DEVICES)
     intra_op_threads: int | None = _option(None, "onnxruntime threads per inference (default: "
                                            "onnxruntime's choice)")
+    cpu_arena: bool = _option(False, "onnxruntime's CPU memory arena: faster batched runs, "
+                              "but the memory it takes is never given back, so "
+                              "--max-inflight-mb no longer bounds the process")
     batching: bool = _option(True, "run every request on its own", negate="--no-batching")
     max_batch_size: int = _option(8, "dynamic batching: most requests per graph run")
     max_queue_delay_ms: float = _option(2.0, "dynamic batching: longest wait for a batch to "
@@ -61,6 +65,10 @@ class ServerConfig:
                                       "are answered even when the main port is saturated")
     grace_seconds: float = _option(10.0, "on SIGTERM/SIGINT: how long calls in flight may take "
                                    "to finish; SIGHUP reloads the models folder")
+    drain_seconds: float = _option(0.0, "on SIGTERM/SIGINT, before new calls are refused: how "
+                                   "long health says NOT_SERVING while calls are still taken, "
+                                   "so that a load balancer's health checks take the server out "
+                                   "first (camserve cluster sets it for its replicas)")
     max_connection_age: float | None = _option(
         None, "close each client connection after this many seconds (gRPC's "
         "max_connection_age, +/-10%% jitter), so clients reconnect and a load balancer "
@@ -110,6 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
             parser.add_argument(meta["negate"], dest=spec.name, action="store_false",
                                 default=spec.default, help=meta["help"])
             continue
+        if spec.default is False:
+            parser.add_argument(_flag(spec), dest=spec.name, action="store_true",
+                                help=meta["help"])
+            continue
         default = spec.default if spec.default is not MISSING else None
         shown = f" (default {default})" if default not in (None, "") and \
             "default" not in meta["help"] else ""
@@ -136,6 +148,8 @@ def to_argv(config: ServerConfig) -> list[str]:
             continue
         if spec.metadata["negate"]:
             argv.append(spec.metadata["negate"])
+        elif value is True:
+            argv.append(_flag(spec))
         elif value is not None:
             argv += [_flag(spec), str(value)]
     return argv

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import threading
@@ -98,6 +99,12 @@ class Gate(grpc.ServerInterceptor):
         """Refuse every new call from now on."""
         with self._cond:
             self._open = False
+
+    def drain(self, seconds: float) -> None:
+        """Keep taking calls for ``seconds`` (or until ``hurry``): health already says
+        NOT_SERVING, and a load balancer stops sending calls before ``close`` refuses them."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._hurry, max(0.0, seconds))
 
     def hurry(self) -> None:
         """Stop waiting for calls in flight (a second stop signal)."""
@@ -200,3 +207,44 @@ def return_freed_memory() -> bool:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, RETURN_ABOVE_BYTES)
                 and mallopt(_M_TRIM_THRESHOLD, RETURN_ABOVE_BYTES))
+
+
+TRIM_DELAY_S = 0.5  # long enough for the call that dropped the last reference to return
+_trim_lock = threading.Condition()
+_trim_at: float | None = None  # when the trimming thread trims next (None: nothing asked)
+
+
+def trim_freed_memory_soon() -> None:
+    """``trim_freed_memory`` on a thread of its own, ``TRIM_DELAY_S`` after the last of the
+    calls to this made in a row: the thread that releases a swapped-out model still holds
+    it until its call returns, and only then is the model's memory free."""
+    global _trim_at
+    with _trim_lock:
+        start = _trim_at is None
+        _trim_at = time.monotonic() + TRIM_DELAY_S
+        _trim_lock.notify_all()
+    if start:
+        threading.Thread(target=_trim_when_due, daemon=True, name="trim-freed-memory").start()
+
+
+def _trim_when_due() -> None:
+    global _trim_at
+    with _trim_lock:
+        while _trim_at is not None and (wait := _trim_at - time.monotonic()) > 0:
+            _trim_lock.wait(wait)
+        _trim_at = None
+    trim_freed_memory()
+
+
+def trim_freed_memory() -> bool:
+    """Give the pages malloc holds free back to the system now (glibc's ``malloc_trim``),
+    in every thread's heap, not only at its top: after a model set is swapped out its
+    sessions' many small blocks leave free pages in the middle of the heaps, which trimming
+    at the top (``return_freed_memory``) does not reach. False where there is no
+    ``malloc_trim`` (not glibc)."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    gc.collect()  # sessions held in reference cycles go now, not at the next collection
+    return bool(malloc_trim(0))

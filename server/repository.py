@@ -28,6 +28,7 @@ from camserve.errors import NotFoundError, OperatorError
 from camserve.explain.pipeline import Direct, Outputs, Runner
 from camserve.server.batching import Batcher
 from camserve.server.config import ServerConfig
+from camserve.server.lifecycle import trim_freed_memory_soon
 from camserve.server.metrics import Metrics
 from camserve.server.runtime import ExplainerModel, load_models
 
@@ -111,7 +112,8 @@ class ModelRepository:
     def load(cls, config: ServerConfig, metrics: Metrics,
              health_servicer: health.HealthServicer) -> ModelRepository:
         """Every valid model of ``config.models``, validated and warmed up."""
-        models = load_models(config.models, config.device, config.intra_op_threads)
+        models = load_models(config.models, config.device, config.intra_op_threads,
+                             cpu_arena=config.cpu_arena)
         return cls(models, config.default_model, config=config, metrics=metrics,
                    health_servicer=health_servicer)
 
@@ -161,6 +163,7 @@ class ModelRepository:
             self._replaced.discard(batcher)
             self._open.remove(batcher)
         batcher.close()
+        trim_freed_memory_soon()  # the replaced model's memory goes back to the system
 
     def announce(self) -> None:
         """Tell health that every model of the current set serves."""
@@ -184,7 +187,7 @@ class ModelRepository:
             log.info("reloading models from %s", config.models)
             refused: list[str] = []
             models = load_models(config.models, config.device, config.intra_op_threads,
-                                 refused)
+                                 refused, cpu_arena=config.cpu_arena)
             default = config.default_model
             if default and default not in models:
                 log.warning("--default-model %r is not in the reloaded folder; the default is "
@@ -205,6 +208,7 @@ class ModelRepository:
             if closing:
                 raise OperatorError("the server is shutting down")
             self._report_health(set(old.models), set(models))
+            trim_freed_memory_soon()  # what no call still uses of the old set goes back
             log.info("reloaded: serving %s (versions %s)%s", ", ".join(sorted(models)),
                      ", ".join(models[name].version for name in sorted(models)),
                      f"; refused {len(refused)} file(s)" if refused else "")

@@ -184,16 +184,26 @@ def _device_of(session: ort.InferenceSession) -> tuple[str, int]:
     return "cpu", 0
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, cpu_arena: bool = False) -> ort.SessionOptions:
+    """onnxruntime settings of every session we open: ``threads`` intra-op threads (None:
+    onnxruntime's choice) and, with ``cpu_arena``, onnxruntime's CPU memory arena.
+
+    The arena is off by default: it grows by powers of two and keeps what it took, so memory
+    one request's graph run used is not there for the next request's NumPy arrays, the
+    memory budget (``--max-inflight-mb``) stops bounding RSS, and a swapped-out model
+    version's arena stays as large as its busiest moment. Batch-1 runs cost the same
+    without it; batched runs pay for fresh pages (``make bench`` shows by how much)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = cpu_arena
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
 
 
-def open_session(path: Path, device: str, threads: int | None) -> tuple[ort.InferenceSession, str]:
+def open_session(path: Path, device: str, threads: int | None, cpu_arena: bool = False
+                 ) -> tuple[ort.InferenceSession, str]:
     """A session on CUDA (``cuda``; ``auto`` when it works) or the CPU, and its provider.
 
     onnxruntime-gpu falls back to the CPU without saying so and prints a long native error
@@ -207,7 +217,8 @@ def open_session(path: Path, device: str, threads: int | None) -> tuple[ort.Infe
         providers = [CUDA, CPU]
     ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+        session = ort.InferenceSession(str(path), session_options(threads, cpu_arena),
+                                       providers=providers)
     finally:
         ort.set_default_logger_severity(3)
     provider = session.get_providers()[0]
@@ -218,19 +229,19 @@ def open_session(path: Path, device: str, threads: int | None) -> tuple[ort.Infe
 
 
 def load_model(path: Path, device: str = "auto", threads: int | None = None,
-               io_binding: bool | None = None) -> ExplainerModel:
+               io_binding: bool | None = None, *, cpu_arena: bool = False) -> ExplainerModel:
     """Validate and open one explainer file, with its saliency and head companions when they
     lie next to it; raises ContractError for a file that isn't an explainer.
 
     ``io_binding`` (``ExplainerModel.io_binding``): None means on for the CUDA provider, off
     for the CPU."""
-    return _open_model(Path(path), device, threads, io_binding)
+    return _open_model(Path(path), device, threads, io_binding, cpu_arena)
 
 
 def _open_model(path: Path, device: str, threads: int | None,
-                io_binding: bool | None = None) -> ExplainerModel:
+                io_binding: bool | None = None, cpu_arena: bool = False) -> ExplainerModel:
     found = modelfile.explainer(modelfile.read(path))
-    session, provider = open_session(path, device, threads)
+    session, provider = open_session(path, device, threads, cpu_arena)
     loaded = ExplainerModel(found.name, found.version, found.card, session, provider,
                             io_binding=provider == CUDA if io_binding is None else io_binding,
                             empty_targets=found.empty_targets)
@@ -239,7 +250,8 @@ def _open_model(path: Path, device: str, threads: int | None,
         if not companion.is_file():
             continue
         try:
-            session, layers = _open_companion(companion, kind, found, device, threads)
+            session, layers = _open_companion(companion, kind, found, device, threads,
+                                              cpu_arena)
         except DeviceError:
             raise
         except CamserveError as exc:
@@ -253,26 +265,27 @@ def _open_model(path: Path, device: str, threads: int | None,
 
 
 def _open_companion(path: Path, kind: str, owner: modelfile.Explainer, device: str,
-                    threads: int | None) -> tuple[ort.InferenceSession, tuple[str, ...]]:
+                    threads: int | None, cpu_arena: bool = False
+                    ) -> tuple[ort.InferenceSession, tuple[str, ...]]:
     """A companion's session (and for a head companion the layers it holds), after checking
     it against the contract and its model."""
     name, layers = modelfile.companion(modelfile.read(path), kind, owner)
     if name != owner.name:
         log.warning("%s says it belongs to model %r; attaching it to %r, the file next to it",
                     path.name, name, owner.name)
-    return open_session(path, device, threads)[0], layers
+    return open_session(path, device, threads, cpu_arena)[0], layers
 
 
 def load_models(folder: Path, device: str = "auto", threads: int | None = None,
-                refused: list[str] | None = None, io_binding: bool | None = None
-                ) -> dict[str, ExplainerModel]:
+                refused: list[str] | None = None, io_binding: bool | None = None, *,
+                cpu_arena: bool = False) -> dict[str, ExplainerModel]:
     """Every valid explainer in ``folder`` by file stem; invalid files are refused and logged
     (and, given a ``refused`` list, added to it as "file: why").
 
     Companions are attached to their models (``ExplainerModel.saliency``, ``.head``), not
     served on their own; one whose model is missing or refused is logged and ignored.
     Raises CamserveError when the folder holds no usable model. ``io_binding`` as for
-    ``load_model``.
+    ``load_model``; ``cpu_arena`` as for ``session_options``.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -289,7 +302,7 @@ def load_models(folder: Path, device: str = "auto", threads: int | None = None,
             companions.append(path)
             continue
         try:
-            model = _open_model(path, device, threads, io_binding)
+            model = _open_model(path, device, threads, io_binding, cpu_arena)
         except CompanionFileError:
             companions.append(path)
             continue

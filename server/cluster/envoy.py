@@ -42,6 +42,7 @@ ADMIN_HOST = "127.0.0.1"  # the admin interface can reconfigure and stop Envoy: 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the server's default receive and send limit
 # room for the gRPC frame header (5 bytes) and HTTP/2 framing around one such message
 BODY_MARGIN_BYTES = 64 * 1024
+HEALTH_INTERVAL_S = 1.0  # between two health checks of a replica
 # gRPC statuses and transport failures retried on another replica. A replica shutting down
 # answers UNAVAILABLE, and CANCELLED for calls its transport had taken but not yet handed to
 # a worker when it closed; Explain has no side effects, so either is safe to send elsewhere.
@@ -93,7 +94,8 @@ def _seconds(value: float) -> str:
     return f"{value:g}s"
 
 
-def health_check(interval_s: float = 1.0, timeout_s: float = 2.0) -> dict[str, Any]:
+def health_check(interval_s: float = HEALTH_INTERVAL_S,
+                 timeout_s: float = 2.0) -> dict[str, Any]:
     """Active grpc.health.v1 checks of the whole server (service "").
 
     A NOT_SERVING answer marks a replica unhealthy at once; missed answers (a busy or dead
@@ -292,7 +294,7 @@ def _endpoint(host: str, port: int, health_port: int | None) -> dict[str, Any]:
 
 def bootstrap(replicas: Sequence[str], *, listen_host: str = "127.0.0.1",
               listen_port: int = 50050, admin_port: int = 9901, num_retries: int = 2,
-              health_interval_s: float = 1.0,
+              health_interval_s: float = HEALTH_INTERVAL_S,
               health_ports: Sequence[int | None] | None = None,
               tls: ListenerTls | None = None,
               max_message_bytes: int = MAX_MESSAGE_BYTES,

@@ -27,7 +27,12 @@ REPLICA_HOST = "127.0.0.1"  # replicas are reached through Envoy only
 REPLICA_OPTIONS = ("device", "intra_op_threads", "batching", "max_batch_size",
                    "max_queue_delay_ms", "workers", "max_queue", "default_model",
                    "auth_token_file", "grace_seconds", "max_connection_age",
-                   "max_connection_age_grace", "max_inflight_mb")
+                   "max_connection_age_grace", "max_inflight_mb", "drain_seconds",
+                   "cpu_arena")
+# a stopping replica keeps serving, NOT_SERVING, for two of Envoy's health-check intervals:
+# Envoy takes it out before it refuses a call (refused calls are retried, but with two
+# replicas a retry can land on the same one, and a closed port is not checked again at once)
+REPLICA_DRAIN_S = 2 * envoy_config.HEALTH_INTERVAL_S
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ def replica_configs(config: ClusterConfig) -> list[ServerConfig]:
     base = config.metrics_port_base
     metrics = [base + i if base is not None else None for i in range(config.replicas)]
     template = config.replica
+    if not template.drain_seconds:  # Envoy takes a stopping replica out before it refuses
+        template = template.with_(drain_seconds=REPLICA_DRAIN_S)
     if template.max_inflight_mb is None:  # the replicas share the host's memory budget
         memory = physical_memory()
         if memory:

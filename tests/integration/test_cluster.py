@@ -27,7 +27,7 @@ from camserve.client import Client, sdk
 from camserve.errors import CamserveError
 from camserve.server.cluster import envoy
 from camserve.server.cluster.children import Child
-from camserve.server.cluster.options import ClusterConfig, find_envoy
+from camserve.server.cluster.options import REPLICA_DRAIN_S, ClusterConfig, find_envoy
 from camserve.server.cluster.supervisor import start_cluster
 from camserve.server.config import ServerConfig
 
@@ -471,7 +471,8 @@ def test_replica_command_lines_are_the_serve_config_rendered(models_dir):
         assert share and abs(share - physical_memory() / 4 / 2 / 2**20) < 1
         assert served == replica.config == config.replica.with_(
             host="127.0.0.1", port=replica.port, health_port=replica.health_port,
-            metrics_port=replica.metrics_port, max_inflight_mb=share)
+            metrics_port=replica.metrics_port, max_inflight_mb=share,
+            drain_seconds=REPLICA_DRAIN_S)  # Envoy takes a stopping replica out first
 
 
 def test_restart_delay_doubles_while_a_child_keeps_failing():
