@@ -120,7 +120,7 @@ EXPECTED: dict[str, frozenset[str]] = {
     "unknown-model": frozenset({"NOT_FOUND"}),
     "unknown-method": frozenset({"INVALID_ARGUMENT"}),
     "bad-frame": frozenset({"INVALID_ARGUMENT"}),
-    "not-protobuf": frozenset({"INTERNAL"}),  # grpcio cannot deserialize it
+    "not-protobuf": frozenset({"INVALID_ARGUMENT"}),  # no message parses from its bytes
     "oversize": frozenset({"RESOURCE_EXHAUSTED"}),
     "stream": frozenset({"OK"}), "stream-lfw": frozenset({"OK"}),
     "stream-cancel": frozenset({"CANCELLED"}),

@@ -35,7 +35,8 @@ from camserve.server.lifecycle import Gate
 from camserve.server.metrics import Metrics
 from camserve.server.repository import SERVING, ModelRepository
 from camserve.server.runtime import ExplainerModel
-from camserve.server.security import TokenAuthInterceptor, read_token, server_credentials
+from camserve.server.security import (MalformedMessageInterceptor, TokenAuthInterceptor,
+                                      read_token, server_credentials)
 from camserve.server.service import ExplainerService
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
@@ -200,7 +201,8 @@ def _listen(config: ServerConfig, repository: ModelRepository, gate: Gate,
                # Linux gRPC sets SO_REUSEPORT: a second server would silently share the port
                ("grpc.so_reuseport", 0)]
     options += connection_age_options(config)
-    interceptors = [gate] + ([TokenAuthInterceptor(token)] if token else [])
+    interceptors = [gate] + ([TokenAuthInterceptor(token)] if token else []) + [
+        MalformedMessageInterceptor()]
     # gRPC answers RESOURCE_EXHAUSTED at once to calls beyond workers + queue
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
                          options=options, interceptors=interceptors,
@@ -281,7 +283,8 @@ def _health_server(servicer: health.HealthServicer, host: str,
     saturated)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS,
                                                     thread_name_prefix="health"),
-                         options=[("grpc.so_reuseport", 0)])  # the port is ours alone
+                         options=[("grpc.so_reuseport", 0)],  # the port is ours alone
+                         interceptors=[MalformedMessageInterceptor()])
     # Check only: a Watch stream would hold one of the few threads for as long as it lasts
     check = grpc.unary_unary_rpc_method_handler(
         servicer.Check, request_deserializer=health_pb2.HealthCheckRequest.FromString,

@@ -1,5 +1,5 @@
-"""Transport security and authentication for the server: TLS / mutual TLS credentials and a
-bearer-token interceptor.
+"""Transport security and authentication for the server: TLS / mutual TLS credentials, a
+bearer-token interceptor, and an interceptor that refuses bytes that are not a message.
 
 The token guards every RPC except ``grpc.health.v1.Health`` (probes carry no credentials) and
 server reflection. It is compared in constant time and never logged.
@@ -10,11 +10,11 @@ from __future__ import annotations
 import hmac
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import grpc
 
-from camserve.errors import CamserveError
+from camserve.errors import CallerError, CamserveError
 
 log = logging.getLogger("camserve.server")
 
@@ -129,3 +129,77 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         log.warning("refused %s: missing or wrong bearer token", method)
         return refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
                        f"this server requires a bearer token: {AUTH_HINT}")
+
+
+class _Malformed:
+    """What a request that does not parse as its message type deserializes to."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # noqa: BLE001 -- whatever the parser raises, the bytes are bad
+            return _Malformed(f"{type(exc).__name__}: {exc}"[:200])
+    return deserialize
+
+
+class MalformedMessageError(CallerError):
+    """A request's bytes are not the method's protobuf message (INVALID_ARGUMENT)."""
+
+    def __init__(self, method: str, reason: str) -> None:
+        super().__init__(f"the request to {method} is not a valid protobuf message of its "
+                         f"type ({reason}); send a message built from camserve's .proto")
+
+
+class MalformedMessageInterceptor(grpc.ServerInterceptor):
+    """Requests whose bytes do not parse are answered INVALID_ARGUMENT with one WARNING line.
+
+    gRPC itself answers them INTERNAL and logs an ERROR with a traceback for each: any
+    caller could flood the log, and the caller is told the server failed. Here the
+    method's parser is wrapped: a bad message becomes a marker that the call refuses
+    (unary) or that ends the stream at that message (streaming requests)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        behavior = (handler.stream_unary or handler.stream_stream if handler.request_streaming
+                    else handler.unary_unary or handler.unary_stream)
+
+        def refuse(context: grpc.ServicerContext, bad: _Malformed) -> None:
+            log.warning("refused %s: not a valid message (%s)", method, bad.reason)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          str(MalformedMessageError(method, bad.reason)))
+
+        def unary(request, context):
+            if isinstance(request, _Malformed):
+                refuse(context, request)
+            return behavior(request, context)
+
+        def checked(requests: Iterator[Any]) -> Iterator[Any]:
+            for request in requests:
+                if isinstance(request, _Malformed):
+                    log.warning("refused %s: not a valid message (%s)", method,
+                                request.reason)
+                    raise MalformedMessageError(method, request.reason)
+                yield request
+
+        def streaming(requests, context):
+            return behavior(checked(requests), context)
+
+        make: Callable = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(handler.request_streaming, handler.response_streaming)]
+        return make(streaming if handler.request_streaming else unary,
+                    request_deserializer=_tolerant(handler.request_deserializer),
+                    response_serializer=handler.response_serializer)

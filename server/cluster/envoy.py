@@ -7,9 +7,9 @@ cluster of the replicas:
 - HTTP/2 to the replicas, balanced by least requests;
 - active ``grpc.health.v1`` checks (service ""), and a zero panic threshold, so a replica
   whose health is not SERVING (starting, draining after SIGTERM, gone) gets no calls;
-- retries on UNAVAILABLE, RESOURCE_EXHAUSTED, CANCELLED (by the replica), refused
-  connections, refused streams and resets, each to a replica not tried yet for that call,
-  bounded in number and by a budget;
+- retries on UNAVAILABLE, CANCELLED (by the replica), refused connections, refused
+  streams and resets, each to a replica not tried yet for that call, bounded in number and
+  by a budget (RESOURCE_EXHAUSTED goes back to the caller: see ``RETRY_ON``);
 - outlier detection for replicas that keep failing between two health checks;
 - the caller's ``grpc-timeout`` is the call's only deadline (no route timeout);
 - optionally TLS to the replicas (``UpstreamTls``, for replicas on other hosts): their
@@ -46,8 +46,14 @@ HEALTH_INTERVAL_S = 1.0  # between two health checks of a replica
 # gRPC statuses and transport failures retried on another replica. A replica shutting down
 # answers UNAVAILABLE, and CANCELLED for calls its transport had taken but not yet handed to
 # a worker when it closed; Explain has no side effects, so either is safe to send elsewhere.
-# (A caller that cancels leaves no answer to retry.)
-RETRY_ON = "unavailable,resource-exhausted,cancelled,connect-failure,refused-stream,reset"
+# (A caller that cancels leaves no answer to retry.) RESOURCE_EXHAUSTED is passed back, not
+# retried: most such refusals hold on every replica (a message over the size limit, too many
+# targets, an image too large), and a message over the limit is refused while its body is
+# still arriving: Envoy, waiting to retry it, overflowed its retry buffer and answered
+# UNKNOWN ("exceeded request buffer limit while retrying upstream") about once in 100 calls.
+# A replica refusing for load is rare behind least-request balancing; the caller's back-off
+# handles it, as gRPC advises for RESOURCE_EXHAUSTED.
+RETRY_ON = "unavailable,cancelled,connect-failure,refused-stream,reset"
 
 _HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
         "HttpConnectionManager")
@@ -256,9 +262,11 @@ def listener(listen_host: str, listen_port: int, num_retries: int,
         "match": {"prefix": "/"},
         "route": {
             "cluster": CLUSTER,
-            "timeout": "0s",  # no route deadline of Envoy's own ...
-            # ... the caller's grpc-timeout header is the call's deadline, uncapped
-            "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+            # no deadline of Envoy's own: the caller's grpc-timeout header goes to the replica,
+            # which ends the call DEADLINE_EXCEEDED, and the caller's library enforces it too.
+            # (Envoy enforcing it, max_stream_duration, reset streams whose response had
+            # begun: the caller saw INTERNAL instead of DEADLINE_EXCEEDED.)
+            "timeout": "0s",
             "retry_policy": retry_policy(num_retries),
         },
     }

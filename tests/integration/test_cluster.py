@@ -30,6 +30,8 @@ from camserve.server.cluster.children import Child
 from camserve.server.cluster.options import REPLICA_DRAIN_S, ClusterConfig, find_envoy
 from camserve.server.cluster.supervisor import start_cluster
 from camserve.server.config import ServerConfig
+from camserve.v1 import explainer_pb2 as pb
+from camserve.v1 import explainer_pb2_grpc as pb_grpc
 
 try:
     ENVOY = find_envoy()
@@ -90,10 +92,11 @@ def test_envoy_config_has_what_the_replicas_need(tmp_path):
     assert host["request_body_buffer_limit"] > envoy.MAX_MESSAGE_BYTES
     route = host["routes"][0]["route"]
     assert route["timeout"] == "0s"
-    assert route["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+    assert "max_stream_duration" not in route  # the caller's deadline, enforced end to end
     retry = route["retry_policy"]
-    assert {"unavailable", "resource-exhausted", "connect-failure"} <= set(
-        retry["retry_on"].split(","))
+    assert {"unavailable", "connect-failure", "reset"} <= set(retry["retry_on"].split(","))
+    # refused for size or load: back to the caller, never a retry racing the request body
+    assert "resource-exhausted" not in retry["retry_on"]
     assert retry["num_retries"] == 3
     assert retry["retry_host_predicate"][0]["name"].endswith("previous_hosts")
     path = tmp_path / "envoy.json"
@@ -249,20 +252,64 @@ def test_three_replicas_share_the_load_and_a_sigterm_costs_no_call(cluster, serv
         assert client.explain(PHOTOS[0], targets=[3])[0].class_index == 3
 
 
+STREAMS = 24  # streams reaching their deadline at once through Envoy
+STREAM_DEADLINE_S = 0.6
+
+
+def test_streams_reaching_their_deadline_end_deadline_exceeded(cluster):
+    """A stream whose deadline passes while frames flow ends DEADLINE_EXCEEDED through Envoy.
+    Seen failing before the fix: Envoy enforced the caller's grpc-timeout itself
+    (``max_stream_duration``) and, the response headers being sent, reset the stream, which
+    the caller saw as INTERNAL (RST_STREAM) in about 1 stream of 30 under load."""
+    request = pb.ExplainRequest(encoded=PHOTOS[0], classes=[1],
+                                stream=pb.StreamOptions(latest_frame_wins=True))
+    busy = threading.Event()
+    codes: list[str] = []
+    lock = threading.Lock()
+
+    def frames():
+        while not busy.is_set():
+            yield request
+            time.sleep(0.005)
+
+    def stream(stub: pb_grpc.ExplainerStub) -> None:
+        try:
+            for _ in stub.ExplainStream(frames(), timeout=STREAM_DEADLINE_S):
+                pass
+            code = "OK"
+        except grpc.RpcError as exc:
+            code = f"{exc.code().name}: {exc.details()}"
+        with lock:
+            codes.append(code)
+
+    with grpc.insecure_channel(cluster.address) as channel:
+        stub = pb_grpc.ExplainerStub(channel)
+        threads = [threading.Thread(target=stream, args=(stub,)) for _ in range(STREAMS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        busy.set()
+    assert len(codes) == STREAMS
+    assert all(code.startswith("DEADLINE_EXCEEDED") for code in codes), codes
+
+
 def test_messages_up_to_the_servers_limit_pass_and_larger_ones_are_refused_once(cluster):
     noise = np.random.default_rng(9).integers(0, 256, (2250, 2200, 3), dtype=np.uint8)
     large = cv2.imencode(".png", noise)[1].tobytes()
     assert 14 * 2**20 < len(large) < envoy.MAX_MESSAGE_BYTES
-    abandoned = _envoy_counter(cluster, "cluster.camserve.retry_or_shadow_abandoned")
+    retried = _envoy_counter(cluster, "cluster.camserve.upstream_rq_retry")
+    oversize = b"\xff\xd8" + bytes(envoy.MAX_MESSAGE_BYTES + 2**20)
     with Client(cluster.address, timeout=60) as client:
         assert client.explain(large, targets=[4])[0].class_index == 4
-        with pytest.raises(grpc.RpcError) as caught:
-            client.explain(b"\xff\xd8" + bytes(envoy.MAX_MESSAGE_BYTES + 2**20), targets=[4])
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "larger than max" in caught.value.details()
-    # too large to keep for a retry: passed on once, not tried on every replica
-    assert _envoy_counter(cluster, "cluster.camserve.retry_or_shadow_abandoned") \
-        == abandoned + 1
+        for _ in range(3):  # the refusal races the body: each time RESOURCE_EXHAUSTED
+            with pytest.raises(grpc.RpcError) as caught:
+                client.explain(oversize, targets=[4])
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, \
+                caught.value.details()
+            assert "larger than max" in caught.value.details()
+    # refused once by the replica that got it, not tried on every replica
+    assert _envoy_counter(cluster, "cluster.camserve.upstream_rq_retry") == retried
 
 
 # --- overload ---------------------------------------------------------------------------------

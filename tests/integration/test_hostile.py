@@ -3,6 +3,7 @@ server keeps serving."""
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 import zlib
@@ -93,3 +94,32 @@ def test_raw_pixels_over_the_limit_are_refused(stub):
     with pytest.raises(grpc.RpcError) as err:
         stub.Explain(pb.ExplainRequest(pixels=huge))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+NOT_A_MESSAGE = b"\x00\x01garbage"  # field number 0: no protobuf message parses from it
+
+
+def test_bytes_that_are_not_a_message_are_refused_with_one_warning(server, caplog):
+    """Seen failing before the fix: gRPC answered INTERNAL and logged an ERROR with a
+    traceback for each such request (a log flood anyone could cause)."""
+    good = pb.ExplainRequest(encoded=encode(".png", PHOTO), top_k=1).SerializeToString()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        calls = {  # raw bytes in and out: no serializer on either side
+            "Explain": channel.unary_unary("/camserve.v1.Explainer/Explain"),
+            "Check": channel.unary_unary("/grpc.health.v1.Health/Check")}
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as caught:
+                call(NOT_A_MESSAGE, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+            assert "not a valid protobuf message" in caught.value.details(), name
+        stream = channel.stream_stream("/camserve.v1.Explainer/ExplainStream")
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in stream(iter([good, NOT_A_MESSAGE]), timeout=30):
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "ExplainStream" in caught.value.details()
+        answer = pb.ExplainResponse.FromString(calls["Explain"](good, timeout=30))
+        assert answer.targets  # still serving
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "Exception deserializing" not in caplog.text
+    assert caplog.text.count("not a valid message") == 3
