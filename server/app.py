@@ -35,8 +35,12 @@ from camserve.server.lifecycle import Gate
 from camserve.server.metrics import Metrics
 from camserve.server.repository import SERVING, ModelRepository
 from camserve.server.runtime import ExplainerModel
-from camserve.server.security import (MalformedMessageInterceptor, TokenAuthInterceptor,
-                                      read_token, server_credentials)
+from camserve.server.security import (
+    MalformedMessageInterceptor,
+    TokenAuthInterceptor,
+    read_token,
+    server_credentials,
+)
 from camserve.server.service import ExplainerService
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
