@@ -80,6 +80,12 @@ bench-frames: install $(DEMO_MODEL)
 bench-methods: install
 	$(PY) bench/expensive_methods.py $(BENCH_ARGS)
 
+# onnxruntime's CPU arena on (the server's default) vs off: explainer graph time by batch
+# size and the memory each keeps, each in its own process (~2 min on 2 cores).
+.PHONY: bench-arena
+bench-arena: install $(DEMO_MODEL)
+	$(PY) bench/arena.py $(BENCH_ARGS)
+
 # MINUTES of mixed traffic (unary, streams, ~13% malformed, large frames, cancellations)
 # against a 3-replica cluster with a replica SIGKILLed every minute; ends with a PASS/FAIL
 # verdict (not in `make test`; MINUTES + ~1 min). Writes bench/results/soak.json. A short

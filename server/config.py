@@ -20,8 +20,7 @@ DEVICES = ("auto", "cpu", "cuda")
 def _option(default: Any, help: str, *, flag: str | None = None, metavar: str | None = None,
             choices: tuple[str, ...] | None = None, negate: str | None = None) -> Any:
     """A config field with its command-line flag (default: --field-name); ``negate`` makes
-    a boolean that defaults to True a ``--no-...`` switch, and a boolean that defaults to
-    False is a switch of its own flag."""
+    a boolean that defaults to True a ``--no-...`` switch."""
     return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar,
                                              "choices": choices, "negate": negate})
 
@@ -37,9 +36,10 @@ class ServerConfig:
                           "named", choices=DEVICES)
     intra_op_threads: int | None = _option(None, "onnxruntime threads per inference (default: "
                                            "onnxruntime's choice)")
-    cpu_arena: bool = _option(False, "onnxruntime's CPU memory arena: faster batched runs, "
-                              "but the memory it takes is never given back, so "
-                              "--max-inflight-mb no longer bounds the process")
+    cpu_arena: bool = _option(True, "onnxruntime's CPU memory arena (fast graph runs; it "
+                              "keeps the memory it took, so RSS can exceed --max-inflight-mb "
+                              "by the arena's high-water mark): --no-cpu-arena makes the "
+                              "budget a bound, graph runs slower", negate="--no-cpu-arena")
     batching: bool = _option(True, "run every request on its own", negate="--no-batching")
     max_batch_size: int = _option(8, "dynamic batching: most requests per graph run")
     max_queue_delay_ms: float = _option(2.0, "dynamic batching: longest wait for a batch to "
@@ -118,10 +118,6 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
             parser.add_argument(meta["negate"], dest=spec.name, action="store_false",
                                 default=spec.default, help=meta["help"])
             continue
-        if spec.default is False:
-            parser.add_argument(_flag(spec), dest=spec.name, action="store_true",
-                                help=meta["help"])
-            continue
         default = spec.default if spec.default is not MISSING else None
         shown = f" (default {default})" if default not in (None, "") and \
             "default" not in meta["help"] else ""
@@ -148,8 +144,6 @@ def to_argv(config: ServerConfig) -> list[str]:
             continue
         if spec.metadata["negate"]:
             argv.append(spec.metadata["negate"])
-        elif value is True:
-            argv.append(_flag(spec))
         elif value is not None:
             argv += [_flag(spec), str(value)]
     return argv

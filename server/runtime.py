@@ -184,15 +184,15 @@ def _device_of(session: ort.InferenceSession) -> tuple[str, int]:
     return "cpu", 0
 
 
-def session_options(threads: int | None, cpu_arena: bool = False) -> ort.SessionOptions:
+def session_options(threads: int | None, cpu_arena: bool = True) -> ort.SessionOptions:
     """onnxruntime settings of every session we open: ``threads`` intra-op threads (None:
-    onnxruntime's choice) and, with ``cpu_arena``, onnxruntime's CPU memory arena.
+    onnxruntime's choice) and onnxruntime's CPU memory arena unless ``cpu_arena`` is False.
 
-    The arena is off by default: it grows by powers of two and keeps what it took, so memory
-    one request's graph run used is not there for the next request's NumPy arrays, the
-    memory budget (``--max-inflight-mb``) stops bounding RSS, and a swapped-out model
-    version's arena stays as large as its busiest moment. Batch-1 runs cost the same
-    without it; batched runs pay for fresh pages (``make bench`` shows by how much)."""
+    The arena keeps what it took (it grows by powers of two), so the memory of one request's
+    graph run is not there for the next request's NumPy arrays, and RSS can exceed the
+    memory budget (``--max-inflight-mb``) by its high-water mark. Without it, intermediate
+    tensors are fresh pages on every run, and with the server's malloc settings
+    (``lifecycle.return_freed_memory``) that costs: ``make bench-arena`` measures it."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
@@ -202,7 +202,7 @@ def session_options(threads: int | None, cpu_arena: bool = False) -> ort.Session
     return options
 
 
-def open_session(path: Path, device: str, threads: int | None, cpu_arena: bool = False
+def open_session(path: Path, device: str, threads: int | None, cpu_arena: bool = True
                  ) -> tuple[ort.InferenceSession, str]:
     """A session on CUDA (``cuda``; ``auto`` when it works) or the CPU, and its provider.
 
@@ -229,7 +229,7 @@ def open_session(path: Path, device: str, threads: int | None, cpu_arena: bool =
 
 
 def load_model(path: Path, device: str = "auto", threads: int | None = None,
-               io_binding: bool | None = None, *, cpu_arena: bool = False) -> ExplainerModel:
+               io_binding: bool | None = None, *, cpu_arena: bool = True) -> ExplainerModel:
     """Validate and open one explainer file, with its saliency and head companions when they
     lie next to it; raises ContractError for a file that isn't an explainer.
 
@@ -239,7 +239,7 @@ def load_model(path: Path, device: str = "auto", threads: int | None = None,
 
 
 def _open_model(path: Path, device: str, threads: int | None,
-                io_binding: bool | None = None, cpu_arena: bool = False) -> ExplainerModel:
+                io_binding: bool | None = None, cpu_arena: bool = True) -> ExplainerModel:
     found = modelfile.explainer(modelfile.read(path))
     session, provider = open_session(path, device, threads, cpu_arena)
     loaded = ExplainerModel(found.name, found.version, found.card, session, provider,
@@ -265,7 +265,7 @@ def _open_model(path: Path, device: str, threads: int | None,
 
 
 def _open_companion(path: Path, kind: str, owner: modelfile.Explainer, device: str,
-                    threads: int | None, cpu_arena: bool = False
+                    threads: int | None, cpu_arena: bool = True
                     ) -> tuple[ort.InferenceSession, tuple[str, ...]]:
     """A companion's session (and for a head companion the layers it holds), after checking
     it against the contract and its model."""
@@ -278,7 +278,7 @@ def _open_companion(path: Path, kind: str, owner: modelfile.Explainer, device: s
 
 def load_models(folder: Path, device: str = "auto", threads: int | None = None,
                 refused: list[str] | None = None, io_binding: bool | None = None, *,
-                cpu_arena: bool = False) -> dict[str, ExplainerModel]:
+                cpu_arena: bool = True) -> dict[str, ExplainerModel]:
     """Every valid explainer in ``folder`` by file stem; invalid files are refused and logged
     (and, given a ``refused`` list, added to it as "file: why").
 

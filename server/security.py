@@ -85,14 +85,20 @@ def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
         context.abort(code, message)
         yield  # pragma: no cover -- makes this a generator, as a streaming handler must be
 
+    behavior = refuse_streaming if handler.response_streaming else refuse
+    return _like(handler, behavior, handler.request_deserializer)
+
+
+def _like(handler: grpc.RpcMethodHandler, behavior: Callable,
+          deserializer: Callable | None) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kinds as ``handler`` running ``behavior``."""
     make: Callable = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(handler.request_streaming, handler.response_streaming)]
-    behavior = refuse_streaming if handler.response_streaming else refuse
-    return make(behavior, request_deserializer=handler.request_deserializer,
+    return make(behavior, request_deserializer=deserializer,
                 response_serializer=handler.response_serializer)
 
 
@@ -194,12 +200,5 @@ class MalformedMessageInterceptor(grpc.ServerInterceptor):
         def streaming(requests, context):
             return behavior(checked(requests), context)
 
-        make: Callable = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(handler.request_streaming, handler.response_streaming)]
-        return make(streaming if handler.request_streaming else unary,
-                    request_deserializer=_tolerant(handler.request_deserializer),
-                    response_serializer=handler.response_serializer)
+        return _like(handler, streaming if handler.request_streaming else unary,
+                     _tolerant(handler.request_deserializer))

@@ -255,6 +255,22 @@ def test_reload_models_under_load_swaps_versions_and_frees_the_old_set(models, v
         running.stop(grace=0)
 
 
+def _stop_cleanly(process: subprocess.Popen, log: Path, wait_s: float, logged: str) -> None:
+    """SIGTERM: exit 0 within ``wait_s``, ``logged`` in the log and no traceback."""
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(wait_s) == 0
+    text = log.read_text()
+    assert logged in text
+    assert "Traceback" not in text
+
+
+def _reap(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+    process.stdout.close()
+
+
 # --- SIGHUP to camserve serve -------------------------------------------------------------
 def _rss(process: psutil.Process, seconds: float) -> float:
     """The median of the RSS sampled over ``seconds``."""
@@ -310,16 +326,10 @@ def test_sighup_under_load_swaps_versions_and_rss_comes_back(models, versions, t
         check_calls(calls, "wide", old, new, swapped)
         assert peak - before > version_bytes / 2  # the measure sees a version's size
         assert after - before < version_bytes / 2
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
-        text = log.read_text()
-        assert f"(versions {new.versions['tiny']}, {new.versions['wide']})" in text
-        assert "Traceback" not in text
+        _stop_cleanly(process, log, 30,
+                      f"(versions {new.versions['tiny']}, {new.versions['wide']})")
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        process.stdout.close()
+        _reap(process)
 
 
 # --- a cluster: rolling restart -----------------------------------------------------------
@@ -387,13 +397,6 @@ def test_sighup_to_the_cluster_command_replaces_its_replicas(models, versions, t
                       "the rolling restart")
             assert stub.Explain(request, timeout=CALL_S,
                                 wait_for_ready=True).model_version == new.versions["tiny"]
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
-        text = log.read_text()
-        assert "SIGHUP: replacing the replicas one at a time" in text
-        assert "Traceback" not in text
+        _stop_cleanly(process, log, 60, "SIGHUP: replacing the replicas one at a time")
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        process.stdout.close()
+        _reap(process)

@@ -79,7 +79,7 @@ def test_every_option_round_trips_through_argv():
         auth_token_file=Path("t"), workers=4, max_queue=5, max_message_bytes=6,
         metrics_port=7, health_port=8, grace_seconds=9.5, max_connection_age=300.0,
         max_connection_age_grace=60.0, max_inflight_mb=512.0, drain_seconds=1.5,
-        cpu_arena=True)
+        cpu_arena=False)
     default = serve_config.ServerConfig()
     assert all(getattr(changed, f.name) != getattr(default, f.name)
                for f in fields(serve_config.ServerConfig)), "the test must change every field"
