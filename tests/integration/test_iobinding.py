@@ -100,8 +100,8 @@ def test_default_is_on_for_cuda_only(models_dir, monkeypatch):
 
     real = runtime.open_session
 
-    def as_if_cuda(path, device, threads):  # a CPU session that says it got CUDA
-        return real(path, "cpu", threads)[0], CUDA
+    def as_if_cuda(path, device, threads, cpu_arena=True):  # a CPU session that says it got CUDA
+        return real(path, "cpu", threads, cpu_arena)[0], CUDA
 
     monkeypatch.setattr(runtime, "open_session", as_if_cuda)
     model = load_model(models_dir / "tiny.onnx", device="cuda")
