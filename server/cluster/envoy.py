@@ -16,7 +16,9 @@ cluster of the replicas:
   certificates must chain to a given CA (and name a given server name), Envoy shows a client
   certificate of its own for replicas that ask for one; health checks on the replicas'
   health-only ports stay plaintext, as ``camserve serve --health-port`` serves them;
-- request bodies up to the server's message limit are kept for a retry;
+- request bodies up to the server's message limit are kept for a retry; a larger one that
+  Envoy would have to retry (its replica died while the body was arriving) is answered
+  RESOURCE_EXHAUSTED, as a replica answers it (``oversize_reply``), not Envoy's UNKNOWN;
 - the admin interface on loopback only.
 
 ``python -m camserve.server.cluster.envoy HOST:PORT ... [--host H] [--port P] [--admin-port A]
@@ -254,6 +256,28 @@ class ListenerTls:
         return {"name": "envoy.transport_sockets.tls", "typed_config": tls}
 
 
+def oversize_reply(max_message_bytes: int) -> dict[str, Any]:
+    """Envoy's own answer to a body over its retry buffer, as a replica would give it.
+
+    A body larger than ``request_body_buffer_limit`` is streamed to one replica, which
+    refuses it RESOURCE_EXHAUSTED. If that replica dies (or resets) while the body is still
+    arriving, Envoy holds the call for a retry, its buffer overflows, and it answers HTTP 507,
+    which gRPC callers would see as UNKNOWN ("exceeded request buffer limit while retrying
+    upstream"). This mapper turns that 507 (the router sends it for nothing else) into
+    RESOURCE_EXHAUSTED with a message that says what to do. Envoy keeps a ``grpc-status``
+    already set on a local reply; the body becomes ``grpc-message``."""
+    mib = max_message_bytes / (1024 * 1024)
+    return {"mappers": [{
+        "filter": {"status_code_filter": {"comparison": {
+            "op": "EQ", "value": {"default_value": 507, "runtime_key": "camserve.oversize"}}}},
+        "headers_to_add": [{"header": {"key": "grpc-status", "value": "8"},  # RESOURCE_EXHAUSTED
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        "body": {"inline_string": (
+            f"request message larger than the replicas' {mib:g} MiB limit: send a smaller "
+            "or JPEG-encoded image, or raise the replicas' --max-message-bytes")},
+    }]}
+
+
 def listener(listen_host: str, listen_port: int, num_retries: int,
              max_message_bytes: int, tls: ListenerTls | None = None) -> dict[str, Any]:
     """The gRPC listener: every call goes to the replicas, with the caller's deadline;
@@ -279,6 +303,7 @@ def listener(listen_host: str, listen_port: int, num_retries: int,
             # a request body up to the server's limit is kept so that it can be retried
             "request_body_buffer_limit": max_message_bytes + BODY_MARGIN_BYTES,
         }]},
+        "local_reply_config": oversize_reply(max_message_bytes),
         "http_filters": [{"name": "envoy.filters.http.router",
                           "typed_config": {"@type": _ROUTER}}],
     }

@@ -10,6 +10,7 @@ import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ import pytest
 from camserve.cli import main
 from camserve.client import Client, sdk
 from camserve.errors import CamserveError
-from camserve.server.cluster import envoy
+from camserve.server.cluster import envoy, probes
 from camserve.server.cluster.children import Child
 from camserve.server.cluster.options import REPLICA_DRAIN_S, ClusterConfig, find_envoy
 from camserve.server.cluster.supervisor import start_cluster
@@ -310,6 +311,75 @@ def test_messages_up_to_the_servers_limit_pass_and_larger_ones_are_refused_once(
             assert "larger than max" in caught.value.details()
     # refused once by the replica that got it, not tried on every replica
     assert _envoy_counter(cluster, "cluster.camserve.upstream_rq_retry") == retried
+
+
+class DyingReplica:
+    """A fault, not a replica: a port that takes a connection, reads its first bytes and
+    resets it, as a replica SIGKILLed while a request body arrives looks to Envoy."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._die, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _die(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            time.sleep(0.2)  # Envoy is streaming the body meanwhile
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_a_body_over_the_retry_buffer_on_a_dying_replica_is_resource_exhausted(tmp_path):
+    # Envoy retries the reset but cannot keep a body over its buffer: without the rendered
+    # local_reply_config it answered UNKNOWN ("exceeded request buffer limit while retrying
+    # upstream"), which the soak met when a replica was SIGKILLed under an oversize message
+    faults = [DyingReplica() for _ in range(3)]
+    config = envoy.bootstrap([f.address for f in faults], listen_port=0, admin_port=0)
+    # no health checks: replicas that die on every call would never be sent one
+    config["static_resources"]["clusters"][0].pop("health_checks")
+    path = tmp_path / "envoy.json"
+    path.write_text(envoy.render(config))
+    admin_file = tmp_path / "admin-address"
+    proxy = subprocess.Popen([str(ENVOY), "-c", str(path), "--admin-address-path",
+                              str(admin_file), "--disable-hot-restart", "--log-level", "error"])
+    try:
+        deadline = time.monotonic() + 30
+        port = None
+        while port is None and time.monotonic() < deadline and proxy.poll() is None:
+            time.sleep(0.1)
+            admin = admin_file.read_text().strip() if admin_file.exists() else ""
+            port = probes.listener_port(admin) if admin else None
+        assert port, "Envoy did not start"
+        oversize = pb.ExplainRequest(encoded=bytes(envoy.MAX_MESSAGE_BYTES + 2**20))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            explain = pb_grpc.ExplainerStub(channel).Explain
+            codes = []
+            for _ in range(4):
+                with pytest.raises(grpc.RpcError) as caught:
+                    explain(oversize, timeout=30)
+                codes.append((caught.value.code(), caught.value.details()))
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
+        for fault in faults:
+            fault.sock.close()
+    # each call either met the full buffer (RESOURCE_EXHAUSTED, saying what to do) or the
+    # reset of its last try before the buffer filled (UNAVAILABLE, retryable); never UNKNOWN
+    assert all(code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+               for code, _ in codes), codes
+    exhausted = [details for code, details in codes
+                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert exhausted, codes  # the 507 path was taken
+    assert all("16 MiB limit" in details for details in exhausted), exhausted
 
 
 # --- overload ---------------------------------------------------------------------------------
