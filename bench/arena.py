@@ -3,12 +3,13 @@
 ``make bench-arena`` (or ``.venv/bin/python bench/arena.py [--model FILE] [--batches 1 4 16]
 [--rounds 5] [--threads 2]``).
 
-The server opens its sessions with the arena unless told ``--no-cpu-arena``: the arena
-keeps every byte it ever took, so with it the memory budget does not bound the process.
-This measures what turning it off costs, with glibc's malloc set as the server sets it (``return_freed_
-memory``: large blocks go back to the system when freed) and with glibc's defaults. Each (setting, batch size) runs in a process of its own, without
-torch, with ``camserve.server.runtime.session_options`` (the server's own settings): the
-explainer graph on the same seeded input on every side, 3 warm-up runs, then ``--runs``
+The server opens its sessions with the process's shared arena unless told
+``--no-cpu-arena``: the arena keeps every byte it took, which the memory budget then counts
+as held (at most half of it). This measures what turning it off costs, with glibc's malloc
+set as the server sets it (``return_freed_memory``: large blocks go back to the system when
+freed) and with glibc's defaults. Each (setting, batch size) runs in a process of its own,
+without torch, with ``camserve.server.runtime.session_options`` (the server's own settings):
+the explainer graph on the same seeded input on every side, 3 warm-up runs, then ``--runs``
 timed runs; the rounds alternate the settings. It prints the median over rounds of each
 process's median run time, and the resident memory once the runs are over (what the
 process keeps) and at its peak.

@@ -36,10 +36,11 @@ class ServerConfig:
                           "named", choices=DEVICES)
     intra_op_threads: int | None = _option(None, "onnxruntime threads per inference (default: "
                                            "onnxruntime's choice)")
-    cpu_arena: bool = _option(True, "onnxruntime's CPU memory arena (fast graph runs; it "
-                              "keeps the memory it took, so RSS can exceed --max-inflight-mb "
-                              "by the arena's high-water mark): --no-cpu-arena makes the "
-                              "budget a bound, graph runs slower", negate="--no-cpu-arena")
+    cpu_arena: bool = _option(True, "onnxruntime's CPU memory arena, one per process (fast "
+                              "graph runs; it keeps what it took, which --max-inflight-mb "
+                              "counts as held, up to half the budget): --no-cpu-arena gives "
+                              "graph memory back after each run, graph runs slower",
+                              negate="--no-cpu-arena")
     batching: bool = _option(True, "run every request on its own", negate="--no-batching")
     max_batch_size: int = _option(8, "dynamic batching: most requests per graph run")
     max_queue_delay_ms: float = _option(2.0, "dynamic batching: longest wait for a batch to "

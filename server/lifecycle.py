@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import grpc
 
 from camserve.errors import LimitError
+from camserve.explain.budget import Estimate
 from camserve.server.security import is_open, refusal
 
 log = logging.getLogger("camserve.server")
@@ -143,49 +144,86 @@ def physical_memory() -> int | None:
         return None
 
 
-class MemoryBudget:
-    """Admits requests while the sum of their estimated peak memory stays within ``limit``
-    bytes (None: no budget); ``admit`` raises LimitError (RESOURCE_EXHAUSTED) at once, with
-    the numbers, for one that does not fit now."""
+# with onnxruntime's CPU arena, the most of the budget the arena may come to hold: the rest
+# stays for what requests hold themselves (decoded frames, NumPy copies, messages)
+ARENA_SHARE = 0.5
 
-    def __init__(self, limit: int | None) -> None:
+
+class MemoryBudget:
+    """Admits requests while their estimated peak memory (``budget.Estimate``) fits in
+    ``limit`` bytes (None: no budget); ``admit`` raises LimitError (RESOURCE_EXHAUSTED) at
+    once, with the numbers, for one that does not fit now.
+
+    With ``arena_kept`` (onnxruntime's CPU arena on), the graph part of an estimate is not
+    given back when the request ends: the arena keeps it for later runs. The budget then
+    counts the arena's high-water mark (the most graph memory ever in flight at once) as
+    held for good, and lets it grow to ``ARENA_SHARE`` of the limit at most, so that
+    requests needing host memory (large frames) always keep the other part. Without the
+    arena both parts go back when the request ends."""
+
+    def __init__(self, limit: int | None, arena_kept: bool = False) -> None:
         self.limit = limit
+        self.arena_kept = arena_kept
         self._lock = threading.Lock()
-        self.in_flight = 0  # bytes admitted and not yet released
+        self.host_in_flight = 0  # bytes admitted and not yet released, by part
+        self.graph_in_flight = 0
+        self.arena_held = 0  # with arena_kept: the most graph memory ever in flight at once
+
+    @property
+    def in_flight(self) -> int:
+        """Bytes admitted and not yet released (both parts)."""
+        return self.host_in_flight + self.graph_in_flight
 
     @classmethod
-    def from_mb(cls, mb: float | None) -> MemoryBudget:
+    def from_mb(cls, mb: float | None, arena_kept: bool = False) -> MemoryBudget:
         """``--max-inflight-mb``: None -> a quarter of physical memory, 0 -> no budget. With
         a budget, freed memory goes back to the system at once (``return_freed_memory``)."""
         if mb is None:
             memory = physical_memory()
-            budget = cls(memory // 4 if memory else None)
+            budget = cls(memory // 4 if memory else None, arena_kept)
         else:
-            budget = cls(round(mb * MIB) if mb > 0 else None)
+            budget = cls(round(mb * MIB) if mb > 0 else None, arena_kept)
         if budget.limit is not None:
             return_freed_memory()
         return budget
 
     @contextlib.contextmanager
-    def admit(self, estimate: int) -> Iterator[None]:
+    def admit(self, estimate: Estimate) -> Iterator[None]:
         if self.limit is None:
             yield
             return
         with self._lock:
-            total = self.in_flight + estimate
-            if total > self.limit:
-                raise LimitError(
-                    f"the request needs about {estimate / MIB:.1f} MiB (estimated) and "
-                    f"{self.in_flight / MIB:.1f} MiB are in use by requests in flight; the "
-                    f"server's budget is {self.limit / MIB:.1f} MiB (--max-inflight-mb)"
-                    + ("" if estimate <= self.limit else ": this request never fits; send "
-                       "a smaller image or fewer smoothing samples or targets"))
-            self.in_flight = total
+            graph = self.graph_in_flight + estimate.graph
+            held = max(self.arena_held, graph) if self.arena_kept else graph
+            arena_limit = self.limit * ARENA_SHARE if self.arena_kept else self.limit
+            if self.host_in_flight + estimate.host + held > self.limit or held > arena_limit:
+                raise LimitError(self._refusal(estimate))
+            self.host_in_flight += estimate.host
+            self.graph_in_flight = graph
+            self.arena_held = held if self.arena_kept else 0
         try:
             yield
         finally:
             with self._lock:
-                self.in_flight -= estimate
+                self.host_in_flight -= estimate.host
+                self.graph_in_flight -= estimate.graph
+
+    def _refusal(self, estimate: Estimate) -> str:
+        """Why ``estimate`` does not fit now (or ever), with the numbers."""
+        assert self.limit is not None
+        message = (f"the request needs about {estimate.total / MIB:.1f} MiB (estimated) and "
+                   f"{self.in_flight / MIB:.1f} MiB are in use by requests in flight")
+        if self.arena_kept:
+            message += (f", {self.arena_held / MIB:.1f} MiB held by onnxruntime's CPU arena "
+                        f"(at most {ARENA_SHARE:.0%} of the budget)")
+        message += f"; the server's budget is {self.limit / MIB:.1f} MiB (--max-inflight-mb)"
+        never = estimate.total > self.limit or (
+            self.arena_kept and estimate.graph > self.limit * ARENA_SHARE)
+        if never:
+            message += (": this request never fits; send a smaller image or fewer smoothing "
+                        "samples or targets" + (", or serve with --no-cpu-arena"
+                                                if self.arena_kept else ""))
+        return message
 
 
 # glibc's mallopt parameters (malloc.h)

@@ -17,7 +17,7 @@ import grpc
 
 from camserve.errors import CamserveError, status_name
 from camserve.explain import attributions, frames, methods
-from camserve.explain.budget import estimate_bytes
+from camserve.explain.budget import estimate
 from camserve.explain.pipeline import Limits, Pipeline
 from camserve.explain.response import to_response
 from camserve.server.lifecycle import MemoryBudget
@@ -46,7 +46,8 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         self.pipeline = Pipeline(limits or Limits())
         self.metrics = metrics or repository.metrics
         # requests are admitted while their estimated peak memory fits (--max-inflight-mb)
-        self.budget = MemoryBudget.from_mb(repository.config.max_inflight_mb)
+        config = repository.config
+        self.budget = MemoryBudget.from_mb(config.max_inflight_mb, arena_kept=config.cpu_arena)
 
     # --- RPCs -----------------------------------------------------------------------------
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext):
@@ -76,7 +77,7 @@ class ExplainerService(pb_grpc.ExplainerServicer):
 
         def explain(request: pb.ExplainRequest, alive: Callable[[], bool]):
             model = self.repository.get(request.model)
-            with self.budget.admit(estimate_bytes(request, model.card)):
+            with self.budget.admit(estimate(request, model.card)):
                 return self.pipeline.explain(request, model, self.repository.runner(model),
                                              alive)
 
@@ -135,7 +136,7 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         """Answer one request; ``alive`` says whether its caller still waits (a request
         whose deadline passed or that was cancelled is dropped before the graph runs)."""
         model = self.repository.get(request.model)
-        with self.budget.admit(estimate_bytes(request, model.card)):  # or RESOURCE_EXHAUSTED
+        with self.budget.admit(estimate(request, model.card)):  # or RESOURCE_EXHAUSTED
             explained = self.pipeline.explain(request, model, self.repository.runner(model),
                                               alive)
             return to_response(explained, request)

@@ -4,10 +4,14 @@ control (``--max-inflight-mb``) admits requests while the estimates in flight fi
 Reads only what the request declares (an image header, a raw frame's size, the options) and
 the model card; nothing is decoded. Numbers are bytes. Each term is what measured RSS showed
 (a server process with onnxruntime's CPU arena off, one request at a time): the estimate is
-meant as an upper bound of the right order, not an exact figure.
+meant as an upper bound of the right order, not an exact figure. It comes in two parts
+(``Estimate``): what the request's own code holds, freed when it ends, and what onnxruntime
+allocates in its graph runs, which its CPU memory arena keeps for later runs.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from camserve.contract import ModelCard
 from camserve.errors import CamserveError
@@ -16,8 +20,8 @@ from camserve.explain.image import declared_size
 from camserve.v1 import explainer_pb2 as pb
 
 F32 = 4  # bytes per float32
-# a raw frame's bytes are held twice while the call runs: in the parsed message, and in the
-# copy protobuf hands out when the field is read (the frame is converted from that copy)
+# an image's bytes (raw or encoded) are held twice while the call runs: in the parsed
+# message, and in the copy protobuf hands out when the field is read (decoded from that copy)
 RECEIVED_COPIES = 2
 # onnxruntime's working memory per image of a graph run (the intermediate activations alive
 # at once), in model inputs; the card does not say how big the graph is. Measured per image
@@ -36,9 +40,23 @@ RESPONSE_MAP_COPIES = 3
 SCORECAM_MASK_COPIES = 3
 
 
-def estimate_bytes(request: pb.ExplainRequest, card: ModelCard) -> int:
-    """A request's peak memory in bytes, estimated from what it declares before any work
-    (headers only, nothing decoded): decoding (``decoding_bytes``) plus explaining
+class Estimate(NamedTuple):
+    """A request's estimated peak memory, in bytes, in two parts: ``host``, what decoding,
+    NumPy and protobuf hold (returned to the system when the request ends), and ``graph``,
+    what onnxruntime allocates in the request's graph runs: their working memory and the
+    outputs they return (with onnxruntime's CPU arena, kept in the arena after the run)."""
+
+    host: int
+    graph: int
+
+    @property
+    def total(self) -> int:
+        return self.host + self.graph
+
+
+def estimate(request: pb.ExplainRequest, card: ModelCard) -> Estimate:
+    """A request's peak memory, estimated from what it declares before any work (headers
+    only, nothing decoded): decoding (``decoding_bytes``, all host memory) plus explaining
     (``explaining_bytes``)."""
     kind = request.WhichOneof("image")
     encoded = request.encoded if kind == "encoded" else b""  # reading the field copies it
@@ -51,9 +69,10 @@ def estimate_bytes(request: pb.ExplainRequest, card: ModelCard) -> int:
         frame_h = frame_w = 0
     sixteen_bit = request.HasField("window") or (
         size is not None and size[0] == "PNG" and encoded[24:25] == b"\x10")  # IHDR depth
-    received = request.pixels.ByteSize() if kind == "pixels" else 0
-    return (decoding_bytes(frame_h * frame_w, sixteen_bit, received, card)
-            + explaining_bytes(request, card, frame_h * frame_w))
+    received = request.pixels.ByteSize() if kind == "pixels" else len(encoded)
+    explaining = explaining_bytes(request, card, frame_h * frame_w)
+    return Estimate(decoding_bytes(frame_h * frame_w, sixteen_bit, received, card)
+                    + explaining.host, explaining.graph)
 
 
 def _model_input(card: ModelCard) -> int:
@@ -63,21 +82,22 @@ def _model_input(card: ModelCard) -> int:
 
 
 def decoding_bytes(pixels: int, sixteen_bit: bool, received: int, card: ModelCard) -> int:
-    """Decoding a frame of ``pixels`` pixels into the model input: a raw frame's bytes
-    (``received``, ``RECEIVED_COPIES``), the decoded frame and its colour conversion (uint8
-    [H0,W0,3] each; a 16-bit or windowed image also has its samples, up to 2 bytes x 3
-    channels a pixel; one block of rows being resampled takes less than a frame) and the
-    preprocessing's float32 copies of the model input."""
+    """Decoding a frame of ``pixels`` pixels into the model input: the bytes received (a raw
+    frame's or an encoded file's: ``received``, ``RECEIVED_COPIES``), the decoded frame and
+    its colour conversion (uint8 [H0,W0,3] each; a 16-bit or windowed image also has its
+    samples, up to 2 bytes x 3 channels a pixel; one block of rows being resampled takes
+    less than a frame) and the preprocessing's float32 copies of the model input."""
     frame = 3 * pixels
     return (RECEIVED_COPIES * received + (4 if sixteen_bit else 2) * frame
             + 3 * _model_input(card))
 
 
-def explaining_bytes(request: pb.ExplainRequest, card: ModelCard, pixels: int) -> int:
-    """Running the graph(s) and making the maps: per image run, its copies, the graph's
-    working memory (``GRAPH_WORK``) and the activations and gradients it returns; the maps;
-    Score-CAM's masks and Ablation-CAM's ablated copies with their batched runs. ``pixels``:
-    the frame's, for maps on the original image."""
+def explaining_bytes(request: pb.ExplainRequest, card: ModelCard, pixels: int) -> Estimate:
+    """Running the graph(s) and making the maps: per image run, its copies (host), the
+    graph's working memory (``GRAPH_WORK``) and the activations and gradients it returns
+    (graph); the maps (host); Score-CAM's masks and Ablation-CAM's ablated copies (host)
+    with their batched runs (graph). ``pixels``: the frame's, for maps on the original
+    image."""
     height, width = card.input_size
     model_input = _model_input(card)
     graph = GRAPH_WORK * model_input
@@ -102,22 +122,23 @@ def explaining_bytes(request: pb.ExplainRequest, card: ModelCard, pixels: int) -
                 request.integrated_gradients.steps or attributions.IG_STEPS))
         except (CamserveError, ValueError, KeyError):
             images = 1
-        # each image: its input and copies, one input gradient per target, the graph's work
-        per_image = (SMOOTHING_COPIES + targets) * model_input + graph
-        return first_run + images * per_image + response
+        # each image: its input and copies (host), one input gradient per target and the
+        # graph's work (graph)
+        return Estimate(images * SMOOTHING_COPIES * model_input + response,
+                        first_run + images * (targets * model_input + graph))
     images = 1
     if smoothing.noise_samples or smoothing.horizontal_flip:
         images = max(smoothing.noise_samples, 1) * (2 if smoothing.horizontal_flip else 1)
     if images > 1:
-        per_image = (SMOOTHING_COPIES * model_input + graph + outputs
-                     + SMOOTHED_MAP_COPIES * maps)
-        return images * per_image + response
-    extra = 0
+        return Estimate(images * (SMOOTHING_COPIES * model_input + SMOOTHED_MAP_COPIES * maps)
+                        + response, images * (graph + outputs))
     if method == "scorecam":  # every channel upsampled to the input, chunks of masked inputs
-        extra = (max((SCORECAM_MASK_COPIES * F32 * c * height * width for c, _, _ in shapes),
-                     default=0)
-                 + methods.FORWARD_BATCH * (2 * model_input + graph))
-    elif method == "ablationcam":  # chunks of ablated activations through the layer's head
-        extra = max((methods.FORWARD_BATCH * 3 * F32 * c * h * w for c, h, w in shapes),
+        masks = max((SCORECAM_MASK_COPIES * F32 * c * height * width for c, _, _ in shapes),
                     default=0)
-    return first_run + extra + response
+        return Estimate(masks + methods.FORWARD_BATCH * 2 * model_input + response,
+                        first_run + methods.FORWARD_BATCH * graph)
+    if method == "ablationcam":  # chunks of ablated activations through the layer's head
+        ablated = max((methods.FORWARD_BATCH * 3 * F32 * c * h * w for c, h, w in shapes),
+                      default=0)
+        return Estimate(ablated + response, first_run)
+    return Estimate(response, first_run)

@@ -214,14 +214,22 @@ def _png(height: int, width: int) -> bytes:
     return cv2.imencode(".png", np.zeros((height, width, 3), np.uint8))[1].tobytes()
 
 
+def estimate_bytes(request: pb.ExplainRequest, card) -> int:
+    from camserve.explain.budget import estimate
+
+    return estimate(request, card).total
+
+
 def test_the_estimate_follows_frame_size_smoothing_and_method(models_dir):
-    from camserve.explain.budget import estimate_bytes
     from camserve.modelfile import explainer, read
 
     card = explainer(read(models_dir / "tiny.onnx")).card
-    small = estimate_bytes(pb.ExplainRequest(encoded=_png(48, 64)), card)
-    large = estimate_bytes(pb.ExplainRequest(encoded=_png(2000, 3000)), card)
-    assert large - small == 2 * (2000 * 3000 - 48 * 64) * 3  # decoded frame + converted copy
+    small_png, large_png = _png(48, 64), _png(2000, 3000)
+    small = estimate_bytes(pb.ExplainRequest(encoded=small_png), card)
+    large = estimate_bytes(pb.ExplainRequest(encoded=large_png), card)
+    # decoded frame + converted copy, and the file's bytes in the message and read from it
+    assert large - small == (2 * (2000 * 3000 - 48 * 64) * 3
+                             + 2 * (len(large_png) - len(small_png)))
     raw = pb.ExplainRequest(pixels=pb.RawImage(height=1000, width=1000,
                                                pixels=bytes(3 * 10**6)))
     assert estimate_bytes(raw, card) >= 3 * 3 * 10**6  # received + decoded + converted
@@ -234,22 +242,49 @@ def test_the_estimate_follows_frame_size_smoothing_and_method(models_dir):
 
 def test_memory_budget_admits_what_fits_and_refuses_the_rest_at_once():
     from camserve.errors import LimitError
+    from camserve.explain.budget import Estimate
     from camserve.server.lifecycle import MIB, MemoryBudget
 
-    budget = MemoryBudget(10 * MIB)
-    with budget.admit(6 * MIB):
+    budget = MemoryBudget(10 * MIB)  # without the arena: both parts go back
+    with budget.admit(Estimate(2 * MIB, 4 * MIB)):
         with pytest.raises(LimitError, match=r"about 6\.0 MiB .* 6\.0 MiB are in use .* "
-                                             r"budget is 10\.0 MiB"), budget.admit(6 * MIB):
+                                             r"budget is 10\.0 MiB"), \
+                budget.admit(Estimate(6 * MIB, 0)):
             pass
-        with budget.admit(4 * MIB):
+        with budget.admit(Estimate(0, 4 * MIB)):
             assert budget.in_flight == 10 * MIB
     assert budget.in_flight == 0
-    with budget.admit(6 * MIB):
+    with budget.admit(Estimate(0, 10 * MIB)):
         pass
-    with pytest.raises(LimitError, match="never fits"), budget.admit(11 * MIB):
+    with pytest.raises(LimitError, match="never fits"), budget.admit(Estimate(11 * MIB, 0)):
         pass
     assert MemoryBudget.from_mb(0).limit is None
     assert MemoryBudget.from_mb(None).limit > 0  # a quarter of physical memory
+
+
+def test_with_the_arena_the_budget_counts_what_the_arena_keeps():
+    from camserve.errors import LimitError
+    from camserve.explain.budget import Estimate
+    from camserve.server.lifecycle import ARENA_SHARE, MIB, MemoryBudget
+
+    budget = MemoryBudget(10 * MIB, arena_kept=True)
+    assert ARENA_SHARE == 0.5
+    with budget.admit(Estimate(1 * MIB, 3 * MIB)), budget.admit(Estimate(1 * MIB, 2 * MIB)):
+        pass
+    # nothing in flight, but the arena keeps the 5 MiB the two runs took at once
+    assert budget.in_flight == 0 and budget.arena_held == 5 * MIB
+    with pytest.raises(LimitError, match=r"5\.0 MiB held by onnxruntime's CPU arena"), \
+            budget.admit(Estimate(6 * MIB, 0)):
+        pass
+    with budget.admit(Estimate(5 * MIB, 0)):  # host memory up to the rest of the budget
+        pass
+    with budget.admit(Estimate(0, 5 * MIB)):  # graph runs reuse what the arena holds
+        pass
+    # the arena may not grow past its share: host memory always keeps the other half
+    with pytest.raises(LimitError, match="at most 50% of the budget.*never fits.*"
+                                         "--no-cpu-arena"), budget.admit(Estimate(0, 6 * MIB)):
+        pass
+    assert budget.arena_held == 5 * MIB
 
 
 def test_a_request_over_the_budget_is_refused_with_the_numbers(models_dir):
