@@ -170,7 +170,7 @@ def start(config: ServerConfig) -> RunningServer:
     try:
         running = _listen(config, repository, gate, health_servicer, credentials, token)
     except BaseException:
-        repository.close()  # its batchers' threads would keep the process alive
+        repository.close()  # nothing is served: its batchers refuse from now on
         raise
     running.server.start()
     repository.announce()

@@ -248,7 +248,7 @@ def test_reload_adds_and_drops_models(running, folder):
         assert listed.default_model == "tiny"
         assert _health(channel, "tiny3") == SERVING
         # the replaced batchers close once the calls that started before the swap are done
-        _wait_for(lambda: not any(b._thread.is_alive() for b in old_batchers.values()), 5,
+        _wait_for(lambda: all(b.closed for b in old_batchers.values()), 5,
                   "the old batchers to close")
         assert set(running.batchers) == {"tiny", "tiny2", "tiny3"}
 

@@ -232,7 +232,7 @@ def test_reload_models_under_load_swaps_versions_and_frees_the_old_set(models, v
         stream = Stream(target, "tiny")
         assert stream.send().model_version == old.versions["tiny"]
         old_model = weakref.ref(running.models["tiny"])
-        old_thread = running.batchers["tiny"]._thread  # the old batcher's worker
+        old_batcher = weakref.ref(running.batchers["tiny"])
         load = Load(target, "tiny")
         load.wait_for(50)
         _point(models, new)
@@ -247,7 +247,8 @@ def test_reload_models_under_load_swaps_versions_and_frees_the_old_set(models, v
         # the stream's next frame runs on the new version, and the old set is gone while
         # the stream stays open
         assert stream.send().model_version == new.versions["tiny"]
-        _wait_for(lambda: not old_thread.is_alive(), 5, "the old batcher to close")
+        _wait_for(lambda: (batcher := old_batcher()) is None or batcher.closed, 5,
+                  "the old batcher to close")
         _wait_for(lambda: gc.collect() is not None and old_model() is None, 5,
                   "the old session to be freed")
         stream.close()
