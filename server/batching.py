@@ -17,9 +17,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -181,7 +181,7 @@ class Batcher:
             images = np.concatenate([job.image for job in batch]) if len(batch) > 1 \
                 else batch[0].image
             logits, classes, per_layer = self.model.run(images, targets, list(batch[0].layers))
-        except BaseException as exc:  # noqa: BLE001 -- every waiting request gets the failure
+        except BaseException as exc:
             for job in batch:
                 job.finish(error=exc)
             if not isinstance(exc, Exception):
