@@ -21,9 +21,13 @@ the server runs) and once with ``session.intra_op.allow_spinning`` 0, each in it
 without torch (design.md's benchmark traps); the torch sides each in their own process, on
 the same weights (resnet50: one seeded state_dict for the export and for torch). Every side
 gets the same picture: samples/cat.jpg through camserve's preprocessing, saved to .npy (the
-server gets cat.jpg itself and makes that tensor). Every call runs once per round, in a
-fresh random order, ``--pause-ms`` after the previous one, after warm-up rounds; the tables
-give median and p10-p90. The 1-minute load average is recorded before and after each model.
+server gets cat.jpg itself and makes that tensor). Every round runs each side ``--burst``
+times in a row, the sides in a fresh random order, each call ``--pause-ms`` after the
+previous one, after warm-up rounds. The tables give median and p10-p90 of the calls after the
+first of each burst, and the first calls' median apart: between bursts the other sides'
+processes evict a side's weights from the caches, which costs the e2e side (graph, gRPC,
+decoding: the largest working set) most, while a server that runs one model finds them there.
+The 1-minute load average is recorded before and after each model.
 
 ``--precision float32 float16`` measures each model once per precision (one row each): the
 explainer (``camserve export --precision``) and the plain classifier (converted by
@@ -59,7 +63,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frames import cpu_name, free_port, summary, time_rounds  # bench/frames.py
+from frames import cpu_name, free_port, steady, summary, time_rounds  # bench/frames.py
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "samples" / "cat.jpg"
@@ -301,22 +305,23 @@ def served_folder(explainer: Path, scratch: Path, tag: str) -> Path:
     return folder
 
 
-def e2e_call(client, jpeg: bytes, model: str) -> Callable[[], float]:
+def e2e_call(client, jpeg: bytes, model: str, record: list[tuple[float, ...]]
+             ) -> Callable[[], float]:
+    """``Client.explain``'s steps (the SDK's request, the call, ``explanations``) timed as
+    one; each call appends the server's stage times and the rest (ms) to ``record``, in the
+    order of ``STAGES`` then "outside"."""
+    from camserve.client import Client
+    from camserve.client.sdk import explanations
+
     def call() -> float:
         start = time.perf_counter()
-        client.explain(jpeg, model=model)
-        return (time.perf_counter() - start) * 1e3
+        response = client._stub.Explain(Client.request(jpeg, model=model), timeout=TIMEOUT_S)
+        explanations(response)
+        total = (time.perf_counter() - start) * 1e3
+        stages = [getattr(response.timings, f"{stage}_us") / 1e3 for stage in STAGES]
+        record.append((*stages, total - sum(stages)))
+        return total
     return call
-
-
-def stage_ms(client, jpeg: bytes, model: str, calls: int = 15) -> dict[str, float]:
-    """The server's own stage medians (ms) for the SDK's request, from separate calls."""
-    from camserve.client import Client
-
-    request = Client.request(jpeg, model=model)
-    timings = [client._stub.Explain(request, timeout=TIMEOUT_S).timings for _ in range(calls)]
-    return {stage: statistics.median(getattr(t, f"{stage}_us") / 1e3 for t in timings)
-            for stage in STAGES}
 
 
 def clients_rate(address: str, jpeg: bytes, model: str, clients: int, seconds: float) -> float:
@@ -380,13 +385,16 @@ def measure(arch: str, precision: str, args: argparse.Namespace,
         calls: dict[str, Callable[[], float]] = {
             key: (lambda side=side: side.ask("run")) for key, side in sides.items()}
         calls["graph+cam/spin"] = lambda: sides["graph/spin"].ask("explain")
+        records: dict[str, list[tuple[float, ...]]] = {mode: [] for mode in clients}
         for mode, client in clients.items():
-            calls[f"e2e/{mode}"] = e2e_call(client, jpeg, explainer.stem)
+            calls[f"e2e/{mode}"] = e2e_call(client, jpeg, explainer.stem, records[mode])
         progress(f"{tag}: {len(calls)} calls x {args.runs} rounds ({args.warmup} warm-up)")
         load_rounds = os.getloadavg()
-        times = time_rounds(calls, args.runs, args.warmup, args.pause_ms / 1e3)
+        times = time_rounds(calls, args.runs, args.warmup, args.pause_ms / 1e3, args.burst)
         load_after_rounds = os.getloadavg()
-        stages = {mode: stage_ms(client, jpeg, explainer.stem) for mode, client in clients.items()}
+        stages = {mode: dict(zip((*STAGES, "outside"), np.median(
+                      steady(rows, args.warmup, args.burst), axis=0).tolist()))
+                  for mode, rows in records.items()}
         progress(f"{tag}: throughput")
         graph_side = sides["graph/spin"]
         batch_ms = {b: graph_side.ask(f"batch {b} {args.batch_runs}") for b in args.batches}
@@ -404,7 +412,11 @@ def measure(arch: str, precision: str, args: argparse.Namespace,
         for server in servers.values():
             server.stop()
     latency = {key: summary(times[key]) for key in LABELS if key in times}
+    for key, v in latency.items():
+        first = times.get(f"{key} first")
+        v["first_median"] = statistics.median(first) if first else None
     med = {key: v["median"] for key, v in latency.items()}
+    first = {key: v["first_median"] for key, v in latency.items()}
     ratios = {
         "graph/forward (spinning)": med["graph/spin"] / med["forward/spin"],
         "graph/forward (spinning off)": med["graph/nospin"] / med["forward/nospin"],
@@ -412,6 +424,9 @@ def measure(arch: str, precision: str, args: argparse.Namespace,
         "e2e/forward (batching)": med["e2e/batching"] / med["forward/spin"],
         "e2e/forward (no-batching)": med["e2e/no-batching"] / med["forward/spin"],
     }
+    if first["forward/spin"]:
+        ratios["e2e/forward (batching, first of a burst)"] = (first["e2e/batching"]
+                                                              / first["forward/spin"])
     for torch_side in ("grad-cam", "captum"):
         if torch_side in med:
             ratios[f"{torch_side}/e2e"] = med[torch_side] / med["e2e/batching"]
@@ -457,21 +472,26 @@ def report(info: dict[str, Any], args: argparse.Namespace, results: dict[str, An
              "in the onnxruntime ones; onnxruntime spinning as marked (the server: on, "
              "onnxruntime's default). Same input everywhere: samples/cat.jpg (the e2e request) "
              "and camserve's preprocessing of it (.npy) for the others. B=1, one target (the "
-             f"predicted class). Median and p10-p90 of {args.runs} interleaved rounds after "
-             f"{args.warmup} warm-up rounds, each call {args.pause_ms:g} ms after the previous."),
+             f"predicted class). {args.runs} interleaved rounds after {args.warmup} warm-up "
+             f"rounds; in each round every side runs {args.burst} calls in a row, each "
+             f"{args.pause_ms:g} ms after the previous. Median and p10-p90 of all but the "
+             "first call of each burst (the side's own weights and buffers still in the "
+             "caches, as on a server that runs one model); the first call's median apart "
+             "(caches refilled by the other sides' processes)."),
              ""]
-    lines += ["| model | measurement | median ms | p10-p90 | load avg (1 min) |",
-              "|---|---|---|---|---|"]
+    lines += [("| model | measurement | median ms | p10-p90 | first of a burst | "
+               "load avg (1 min) |"), "|---|---|---|---|---|---|"]
     for arch, r in results.items():
         load = r["load_average"]
         for key, v in r["latency_ms"].items():
+            first = f"{v['first_median']:.2f}" if v.get("first_median") else "-"
             lines.append(f"| {arch} | {LABELS[key]} | {v['median']:.2f} | {v['p10']:.2f}-"
-                         f"{v['p90']:.2f} | {load['rounds_start'][0]:.2f} -> "
+                         f"{v['p90']:.2f} | {first} | {load['rounds_start'][0]:.2f} -> "
                          f"{load['rounds_end'][0]:.2f} |")
     lines += ["", ("| model | graph/forward ≤ 1.03 | graph/forward, spinning off | "
-                   "e2e/forward (target) | e2e/forward, no batching | grad-cam/e2e | "
-                   "captum/e2e |"),
-              "|---|---|---|---|---|---|---|"]
+                   "e2e/forward (target) | e2e/forward, no batching | e2e/forward, first of "
+                   "a burst | grad-cam/e2e | captum/e2e |"),
+              "|---|---|---|---|---|---|---|---|"]
     for arch, r in results.items():
         q = r["ratios"]
         e2e_target = E2E_TARGET.get(arch)
@@ -482,15 +502,19 @@ def report(info: dict[str, Any], args: argparse.Namespace, results: dict[str, An
             + (ok(q['e2e/forward (batching)'], e2e_target) + f" (≤ {e2e_target:g})"
                if e2e_target else f"{q['e2e/forward (batching)']:.2f}")
             + f" | {q['e2e/forward (no-batching)']:.2f} | "
+            f"{q.get('e2e/forward (batching, first of a burst)', float('nan')):.2f} | "
             f"{q.get('grad-cam/e2e', float('nan')):.1f} | {q.get('captum/e2e', float('nan')):.1f} |")
-    lines += ["", ("Server stages (ms, medians of separate SDK-default calls, from the "
-                   "response's timings; inference includes any wait in the batching queue):"),
+    lines += ["", ("Server stages (ms, medians over the timed e2e calls above, from each "
+                   "response's timings; inference includes any wait in the batching queue; "
+                   "outside: the call's time less its stages, i.e. gRPC, protobuf, the "
+                   "server's request handling and the SDK):"),
               "",
-              "| model | server | decode | preprocess | inference | postprocess |",
-              "|---|---|---|---|---|---|"]
+              "| model | server | decode | preprocess | inference | postprocess | outside |",
+              "|---|---|---|---|---|---|---|"]
     for arch, r in results.items():
         for mode, s in r["server_stages_ms"].items():
-            lines.append(f"| {arch} | {mode} | " + " | ".join(f"{s[k]:.2f}" for k in STAGES)
+            lines.append(f"| {arch} | {mode} | " + " | ".join(f"{s[k]:.2f}"
+                                                              for k in (*STAGES, "outside"))
                          + " |")
     lines += ["", (f"Throughput: the limit is the explainer graph's best in-process rate over "
                    f"batch sizes {', '.join(map(str, args.batches))} (spinning, fastest of "
@@ -525,6 +549,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="warm-up rounds (default 3, --quick 1)")
     parser.add_argument("--pause-ms", type=float, default=20.0,
                         help="idle time before each timed call")
+    parser.add_argument("--burst", type=int, default=4,
+                        help="calls in a row per side and round; the first is reported apart")
     parser.add_argument("--seconds", type=float,
                         help="duration of each throughput level (default 5, --quick 1)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])

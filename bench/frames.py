@@ -162,22 +162,39 @@ def start_server(models: Path, threads: int, log: Path) -> tuple[subprocess.Pope
 
 # --- timing -------------------------------------------------------------------------------
 def time_rounds(calls: dict[str, Callable[[], float]], rounds: int, warmup: int,
-                pause_s: float) -> dict[str, list[float]]:
-    """Each call returns its own milliseconds; every round runs each once, in a fresh
-    (seeded) random order, ``pause_s`` after the previous one (so that no call meets the
-    thread pools of the one before still spinning)."""
+                pause_s: float, burst: int = 1) -> dict[str, list[float]]:
+    """Each call returns its own milliseconds; every round runs each one ``burst`` times in a
+    row, the calls in a fresh (seeded) random order, each ``pause_s`` after the previous one
+    (so that no call meets the thread pools of the one before still spinning).
+
+    With ``burst`` 1, ``times[name]`` holds every call. With more, the first call of each
+    burst meets caches that the other processes' calls refilled; it goes to
+    ``times[name + " first"]``, and ``times[name]`` holds the rest, which find the
+    process's own weights and buffers still cached, as a server that runs one model meets
+    them."""
     names, order = list(calls), random.Random(0)
     for _ in range(warmup):
         for name in names:
             calls[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    if burst > 1:
+        times.update({f"{name} first": [] for name in names})
     for index in range(rounds):
         for name in order.sample(names, len(names)):
-            time.sleep(pause_s)
-            times[name].append(calls[name]())
+            for repeat in range(burst):
+                time.sleep(pause_s)
+                key = f"{name} first" if burst > 1 and repeat == 0 else name
+                times[key].append(calls[name]())
         print(f"round {index + 1}/{rounds}", end="\r", flush=True)
     print()
     return times
+
+
+def steady(records: list[Any], warmup: int, burst: int) -> list[Any]:
+    """Of what one call recorded on each of its ``time_rounds`` runs, in order: the runs
+    whose times went to ``times[name]`` (not the warm-up rounds, not a burst's first)."""
+    timed = records[warmup:]
+    return [r for i, r in enumerate(timed) if burst == 1 or i % burst != 0]
 
 
 def summary(samples: list[float]) -> dict[str, Any]:
