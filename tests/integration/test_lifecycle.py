@@ -5,7 +5,6 @@ calls in flight alone."""
 from __future__ import annotations
 
 import queue
-import select
 import shutil
 import signal
 import socket
@@ -20,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serve_process import ServeProcess
 
 from camserve.client import Client
 from camserve.server.app import start
@@ -53,37 +53,12 @@ def folder(tmp_path, models_dir) -> Path:
     return Path(shutil.copytree(models_dir, tmp_path / "models"))
 
 
-class Server:
-    """``camserve serve`` in a child process on a free loopback port."""
-
-    def __init__(self, folder: Path, log: Path, *flags: str) -> None:
-        self.log = log
-        with log.open("w") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "camserve", "serve", "--models", str(folder),
-                 "--port", "0", "--device", "cpu", "--intra-op-threads", "1", *flags],
-                stdout=subprocess.PIPE, stderr=err, text=True)
-        ready, _, _ = select.select([self.process.stdout], [], [], 60)
-        line = self.process.stdout.readline() if ready else ""
-        if "listening on" not in line:
-            self.process.kill()
-            raise RuntimeError(f"the server did not start: {line!r} {log.read_text()[-2000:]}")
-        self.port = int(line.rsplit(":", 1)[1])
-        self.target = f"127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self.process.stdout.close()
-
-
 @pytest.fixture
 def spawn(tmp_path):
-    started: list[Server] = []
+    started: list[ServeProcess] = []
 
-    def make(folder: Path, *flags: str) -> Server:
-        started.append(Server(folder, tmp_path / f"server{len(started)}.log", *flags))
+    def make(folder: Path, *flags: str) -> ServeProcess:
+        started.append(ServeProcess(folder, tmp_path / f"server{len(started)}.log", *flags))
         return started[-1]
     yield make
     for server in started:

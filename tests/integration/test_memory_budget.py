@@ -12,8 +12,6 @@ alone, over the idle RSS measured at the same moment."""
 
 from __future__ import annotations
 
-import select
-import subprocess
 import sys
 import threading
 import time
@@ -24,6 +22,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
+from serve_process import ServeProcess
 
 from camserve.explain.budget import estimate
 from camserve.explain.image import DEFAULT_MAX_PIXELS
@@ -71,36 +70,13 @@ def _memory(pid: int) -> dict[str, int]:
     return values
 
 
-class Server:
-    """``camserve serve`` in a child process on a free loopback port."""
-
-    def __init__(self, models: Path, log: Path, *flags: str) -> None:
-        with log.open("w") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "camserve", "serve", "--models", str(models),
-                 "--port", "0", "--device", "cpu", "--intra-op-threads", "1",
-                 "--default-model", "tiny", *flags],
-                stdout=subprocess.PIPE, stderr=err, text=True)
-        ready, _, _ = select.select([self.process.stdout], [], [], 60)
-        line = self.process.stdout.readline() if ready else ""
-        if "listening on" not in line:
-            self.process.kill()
-            raise RuntimeError(f"the server did not start: {line!r} {log.read_text()[-2000:]}")
-        self.target = f"127.0.0.1:{int(line.rsplit(':', 1)[1])}"
-
-    def close(self) -> None:
-        self.process.kill()
-        self.process.wait(10)
-        self.process.stdout.close()
-
-
 @pytest.fixture(params=["arena", "no-arena"])
 def server(request, models_dir, tmp_path):
     # with onnxruntime's CPU arena (the default) the budget counts what the arena keeps;
     # without it (--no-cpu-arena) every graph run gives its memory back
     flags = ["--no-cpu-arena"] if request.param == "no-arena" else []
-    running = Server(models_dir, tmp_path / "server.log", "--max-inflight-mb", str(BUDGET_MB),
-                     *flags)
+    running = ServeProcess(models_dir, tmp_path / "server.log", "--default-model", "tiny",
+                           "--max-inflight-mb", str(BUDGET_MB), *flags)
     yield running
     running.close()
 

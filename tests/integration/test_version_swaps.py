@@ -33,6 +33,7 @@ import psutil
 import pytest
 import torch
 from conftest import TinyNet
+from serve_process import ServeProcess
 
 from camserve.errors import CamserveError
 from camserve.explain.pipeline import Pipeline
@@ -289,16 +290,8 @@ def test_sighup_under_load_swaps_versions_and_rss_comes_back(models, versions, t
     old, new = versions
     version_bytes = sum(p.stat().st_size for p in old.folder.glob("wide*.onnx"))
     log = tmp_path / "serve.log"
-    with log.open("w") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "camserve", "serve", "--models", str(models), "--port", "0",
-             "--device", "cpu", "--intra-op-threads", "1", "--grace-seconds", "30"],
-            stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        ready, _, _ = select.select([process.stdout], [], [], 60)
-        line = process.stdout.readline() if ready else ""
-        assert "listening on" in line, log.read_text()[-2000:]
-        target = f"127.0.0.1:{int(line.rsplit(':', 1)[1])}"
+    with ServeProcess(models, log, "--grace-seconds", "30") as served:
+        process, target = served.process, served.target
         server = psutil.Process(process.pid)
         stream = Stream(target, "wide")
         assert stream.send().model_version == old.versions["wide"]
@@ -329,8 +322,6 @@ def test_sighup_under_load_swaps_versions_and_rss_comes_back(models, versions, t
         assert after - before < version_bytes / 2
         _stop_cleanly(process, log, 30,
                       f"(versions {new.versions['tiny']}, {new.versions['wide']})")
-    finally:
-        _reap(process)
 
 
 # --- a cluster: rolling restart -----------------------------------------------------------
