@@ -86,6 +86,12 @@ bench-methods: install
 bench-arena: install $(DEMO_MODEL)
 	$(PY) bench/arena.py $(BENCH_ARGS)
 
+# gRPC's own cost per call, grpcio's sync server (camserve's) vs grpc.aio, with camserve's
+# message sizes and no camserve (~1 min). Writes bench/results/transport.{md,json}.
+.PHONY: bench-transport
+bench-transport: install
+	$(PY) bench/transport.py $(BENCH_ARGS)
+
 # MINUTES of mixed traffic (unary, streams, ~13% malformed, large frames, cancellations)
 # against a 3-replica cluster with a replica SIGKILLed every minute; ends with a PASS/FAIL
 # verdict (not in `make test`; MINUTES + ~1 min). Writes bench/results/soak.json. A short
