@@ -86,6 +86,13 @@ bench-methods: install
 bench-arena: install $(DEMO_MODEL)
 	$(PY) bench/arena.py $(BENCH_ARGS)
 
+# Dynamic batching (the default) vs --no-batching on the CPU: explanations/s at 1/4/16 clients,
+# Lite0 and resnet50, both settings in each round in random order (~6 min on 2 cores).
+# Writes bench/results/batching.{md,json}.
+.PHONY: bench-batching
+bench-batching: install
+	$(PY) bench/batching.py $(BENCH_ARGS)
+
 # gRPC's own cost per call, grpcio's sync server (camserve's) vs grpc.aio, with camserve's
 # message sizes and no camserve (~1 min). Writes bench/results/transport.{md,json}.
 .PHONY: bench-transport

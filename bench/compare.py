@@ -413,8 +413,8 @@ def measure(arch: str, precision: str, args: argparse.Namespace,
             server.stop()
     latency = {key: summary(times[key]) for key in LABELS if key in times}
     for key, v in latency.items():
-        first = times.get(f"{key} first")
-        v["first_median"] = statistics.median(first) if first else None
+        firsts = times.get(f"{key} first")
+        v["first_median"] = statistics.median(firsts) if firsts else None
     med = {key: v["median"] for key, v in latency.items()}
     first = {key: v["first_median"] for key, v in latency.items()}
     ratios = {
