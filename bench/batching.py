@@ -21,7 +21,6 @@ Writes bench/results/batching.md (also printed) and bench/results/batching.json.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import SAMPLE, Server, clients_rate, export_model, served_folder  # bench/
-from frames import cpu_name  # bench/frames.py
+from frames import cpu_name, settings, write_report  # bench/frames.py
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"batching": [], "direct": ["--no-batching"]}
@@ -79,11 +78,8 @@ def main() -> None:
             lines.append(f"| {arch} | {index + 1} | " + " | ".join(
                 f"{row['direct'][n]:.1f}, {row['batching'][n]:.1f}, "
                 f"{row['direct'][n] / row['batching'][n]:.2f}" for n in CLIENTS) + " |")
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batching.md").write_text(text)
-    (args.out / "batching.json").write_text(json.dumps(rates, indent=1))
+    write_report(args.out, "batching", "\n".join(lines) + "\n",
+                 {"cpu": cpu_name(), "settings": settings(args), "rates": rates})
 
 
 if __name__ == "__main__":

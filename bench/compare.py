@@ -63,7 +63,15 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frames import cpu_name, free_port, steady, summary, time_rounds  # bench/frames.py
+from frames import (  # bench/frames.py
+    cpu_name,
+    free_port,
+    settings,
+    steady,
+    summary,
+    time_rounds,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "samples" / "cat.jpg"
@@ -594,14 +602,8 @@ def main() -> None:
             for precision in args.precision:
                 results[tag_of(arch, precision)] = measure(arch, precision, args, Path(folder))
     assert "torch" not in sys.modules  # the client side too
-    text = report(info, args, results)
-    print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.md").write_text(text)
-    (args.out / "bench.json").write_text(json.dumps(
-        {"machine": info, "settings": {k: (str(v) if isinstance(v, Path) else v)
-                                       for k, v in vars(args).items()},
-         "models": results}, indent=1))
+    write_report(args.out, "bench", report(info, args, results),
+                 {"machine": info, "settings": settings(args), "models": results})
 
 
 if __name__ == "__main__":

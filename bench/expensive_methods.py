@@ -49,7 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import Server, Side, machine, progress  # bench/compare.py
-from frames import summary, time_rounds  # bench/frames.py
+from frames import settings, summary, time_rounds, write_report  # bench/frames.py
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "samples" / "cat.jpg"
@@ -314,14 +314,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="camserve-bench-methods-") as folder:
         result = measure(args, Path(folder))
     assert "torch" not in sys.modules  # the client side too
-    text = report(info, args, result)
-    print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "expensive_methods.md").write_text(text)
-    (args.out / "expensive_methods.json").write_text(json.dumps(
-        {"machine": info, "settings": {k: (str(v) if isinstance(v, Path) else v)
-                                       for k, v in vars(args).items()},
-         **result}, indent=1))
+    write_report(args.out, "expensive_methods", report(info, args, result),
+                 {"machine": info, "settings": settings(args), **result})
 
 
 if __name__ == "__main__":

@@ -203,6 +203,20 @@ def summary(samples: list[float]) -> dict[str, Any]:
             "samples": [round(s, 3) for s in samples]}
 
 
+def write_report(out: Path, stem: str, text: str, data: Any) -> None:
+    """Print a benchmark's report and write it to ``out``/``stem``.md, with ``data`` (its
+    figures, settings and machine) to ``stem``.json."""
+    print("\n" + text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
+
+
+def settings(args: Any) -> dict[str, Any]:
+    """A parsed command line as JSON can hold it (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
 def cpu_name() -> str:
     """The CPU's model name from /proc/cpuinfo (the architecture where there is none)."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -368,12 +382,8 @@ def main() -> None:
         result = measure(args, Path(folder))
     assert "torch" not in sys.modules  # the client side too
     info = machine(args.threads)
-    text = report(result, info, args)
-    print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "frames.md").write_text(text)
-    (args.out / "frames.json").write_text(json.dumps(
-        {"machine": info, "rounds": args.rounds, "warmup": args.warmup, **result}, indent=1))
+    write_report(args.out, "frames", report(result, info, args),
+                 {"machine": info, "rounds": args.rounds, "warmup": args.warmup, **result})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import subprocess
 import sys
 import time
@@ -30,7 +29,14 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frames import cpu_name, free_port, summary, time_rounds  # bench/frames.py
+from frames import (  # bench/frames.py
+    cpu_name,
+    free_port,
+    settings,
+    summary,
+    time_rounds,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUEST_BYTES = 35_000  # samples/cat.jpg
@@ -135,11 +141,8 @@ def main() -> None:
         lines.append(f"| {work_ms} | " + " | ".join(
             f"{by_kind[k]['median']:.3f} ({by_kind[k]['p10']:.3f}-{by_kind[k]['p90']:.3f})"
             for k in SERVERS) + f" | {by_kind['aio']['median'] / by_kind['sync']['median']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "transport.md").write_text(text)
-    (args.out / "transport.json").write_text(json.dumps(results, indent=1))
+    write_report(args.out, "transport", "\n".join(lines) + "\n",
+                 {"cpu": cpu_name(), "settings": settings(args), "results": results})
 
 
 if __name__ == "__main__":
