@@ -315,19 +315,15 @@ def served_folder(explainer: Path, scratch: Path, tag: str) -> Path:
 
 def e2e_call(client, jpeg: bytes, model: str, record: list[tuple[float, ...]]
              ) -> Callable[[], float]:
-    """``Client.explain``'s steps (the SDK's request, the call, ``explanations``) timed as
-    one; each call appends the server's stage times and the rest (ms) to ``record``, in the
-    order of ``STAGES`` then "outside"."""
-    from camserve.client import Client
-    from camserve.client.sdk import explanations
-
+    """``Client.explain`` timed; each call appends the server's stage times and the rest
+    (ms) to ``record``, in the order of ``STAGES`` then "outside"."""
     def call() -> float:
         start = time.perf_counter()
-        response = client._stub.Explain(Client.request(jpeg, model=model), timeout=TIMEOUT_S)
-        explanations(response)
+        found = client.explain(jpeg, model=model)
         total = (time.perf_counter() - start) * 1e3
-        stages = [getattr(response.timings, f"{stage}_us") / 1e3 for stage in STAGES]
-        record.append((*stages, total - sum(stages)))
+        server = found[0].server_timings
+        stages = [getattr(server, f"{stage}_ms") for stage in STAGES]
+        record.append((*stages, total - server.total_ms))
         return total
     return call
 

@@ -8,7 +8,7 @@ temporal smoothing); a refused stream frame raises ``ExplainError`` (a
 ``camserve.errors.RemoteError``). ``camserve.client.video`` explains clips.
 """
 
-from camserve.client.explanation import Explanation, fuse
+from camserve.client.explanation import Explanation, ServerTimings, fuse
 from camserve.client.frames import Frame
 from camserve.client.models import ModelInfo
 from camserve.client.options import ExplainOptions, StreamOptions
@@ -22,4 +22,5 @@ from camserve.client.sdk import (
 )
 
 __all__ = ["Client", "ExplainError", "ExplainOptions", "Explanation", "Frame", "ModelInfo",
-           "StreamCall", "StreamFrame", "StreamOptions", "explanations", "fuse", "load_image"]
+           "ServerTimings", "StreamCall", "StreamFrame", "StreamOptions", "explanations", "fuse",
+           "load_image"]

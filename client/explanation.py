@@ -35,6 +35,29 @@ _NO_MAP = ("the response had no map (space \"none\" sends regions only): ask for
 
 
 @dataclass(frozen=True)
+class ServerTimings:
+    """What the server spent on the request, by stage, in ms (the response's ``Timings``):
+    decoding the image, preprocessing it to the model input, the graph run (including any
+    wait in the batching queue) and the maps. The rest of a call's time is gRPC, the
+    network and the SDK."""
+
+    decode_ms: float
+    preprocess_ms: float
+    inference_ms: float
+    postprocess_ms: float
+
+    @classmethod
+    def from_us(cls, decode_us: int, preprocess_us: int, inference_us: int,
+                postprocess_us: int) -> ServerTimings:
+        return cls(decode_us / 1e3, preprocess_us / 1e3, inference_us / 1e3,
+                   postprocess_us / 1e3)
+
+    @property
+    def total_ms(self) -> float:
+        return self.decode_ms + self.preprocess_ms + self.inference_ms + self.postprocess_ms
+
+
+@dataclass(frozen=True)
 class Explanation:
     """One target of one image.
 
@@ -43,6 +66,7 @@ class Explanation:
     A response with space "none" (CamSpace NO_MAP) has no map: ``cam_input`` is None and
     everything drawn or measured from the map raises a CallerError. ``server_regions`` are
     the regions the server computed (``regions=True``), in photo pixels, largest peak first.
+    ``server_timings`` says where the server's time went (None where no server answered).
 
     A ``fuse`` result has ``class_indices`` of all its parts (``class_index`` is the first
     part's), a label "a + b", and no ``logit`` or ``probability`` (None): those belong to one
@@ -61,6 +85,7 @@ class Explanation:
     method: str = DEFAULT_METHOD
     server_regions: tuple[Region, ...] = ()
     class_indices: tuple[int, ...] = ()  # a fused map's classes; () means (class_index,)
+    server_timings: ServerTimings | None = None  # the request's, shared by its targets
 
     def __post_init__(self) -> None:
         if not self.class_indices:
@@ -155,7 +180,8 @@ def explanations_from(explained: Explained, request_id: str = "") -> list[Explan
 
 
 def from_targets(targets: Iterable[Target], geometry: Geometry, *, model: str, method: str,
-                 request_id: str = "") -> list[Explanation]:
+                 request_id: str = "", timings: ServerTimings | None = None
+                 ) -> list[Explanation]:
     """One Explanation per target, its ``cam`` float32 [h,w] in [0, 1] (unless raw) at the
     model's input size [H,W] or on a layer's grid, which is upsampled to the crop here (None,
     for CamSpace NO_MAP, stays None); the target's regions become ``server_regions``.
@@ -166,7 +192,8 @@ def from_targets(targets: Iterable[Target], geometry: Geometry, *, model: str, m
     x0, y0, x1, y1 = geometry.crop
     return [Explanation(t.class_index, t.label, t.logit, t.probability,
                         None if t.cam is None else resize_map(t.cam, y1 - y0, x1 - x0),
-                        geometry, request_id, model, method, tuple(t.regions))
+                        geometry, request_id, model, method, tuple(t.regions),
+                        server_timings=timings)
             for t in targets]
 
 
@@ -195,7 +222,7 @@ def fuse(explanations: Sequence[Explanation], how: str = "max") -> Explanation:
     classes = tuple(c for e in explanations for c in e.class_indices)
     return Explanation(first.class_index, " + ".join(e.label for e in explanations), None,
                        None, fused.astype(np.float32), geometry, first.request_id, first.model,
-                       first.method, class_indices=classes)
+                       first.method, class_indices=classes, server_timings=first.server_timings)
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:

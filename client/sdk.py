@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 from camserve import tensors
-from camserve.client.explanation import Explanation, from_targets
+from camserve.client.explanation import Explanation, ServerTimings, from_targets
 from camserve.client.models import ModelInfo, model_info
 from camserve.client.options import ExplainOptions, StreamOptions, client_resized
 from camserve.contract import Preprocessing
@@ -306,8 +306,12 @@ def explanations(response: pb.ExplainResponse) -> list[Explanation]:
                       _decode_map(t.cam) if t.HasField("cam") else None,
                       tuple(_decode_region(r) for r in t.regions))
                for t in response.targets]
+    stages = response.timings
+    timings = ServerTimings.from_us(stages.decode_us, stages.preprocess_us,
+                                    stages.inference_us, stages.postprocess_us) \
+        if response.HasField("timings") else None
     return from_targets(targets, geometry, model=response.model, method=response.method,
-                        request_id=response.request_id)
+                        request_id=response.request_id, timings=timings)
 
 
 def _onto(found: Explanation, original: tuple[int, int],

@@ -69,6 +69,10 @@ def test_client_explain_path_bytes_and_array(server, tmp_path):
         assert np.allclose(a.cam_input, c.cam_input, atol=1e-3)
     # the overlay fits the photo that was sent
     assert by_array[0].overlay(photo).shape == photo.shape
+    # where the server's time went: one request's stages, shared by its targets
+    stages = by_bytes[0].server_timings
+    assert stages is not None and stages.decode_ms > 0 and stages.inference_ms > 0
+    assert all(e.server_timings == stages for e in by_bytes)
 
 
 def test_client_explain_tensor(server):

@@ -14,6 +14,7 @@ from camserve.client import (
     Client,
     ExplainOptions,
     Explanation,
+    ServerTimings,
     explanations,
     fuse,
     load_image,
@@ -24,6 +25,7 @@ from camserve.explain import methods, smoothing
 from camserve.explain.geometry import Geometry
 from camserve.explain.pipeline import Explained, Target
 from camserve.explain.response import to_response
+from camserve.v1 import explainer_pb2 as pb
 
 # --- geometry ---------------------------------------------------------------------------
 
@@ -290,6 +292,28 @@ def test_response_and_pipeline_result_give_the_same_explanations():
         assert a.probability == pytest.approx(b.probability) and a.geometry == b.geometry
         assert a.cam_input.shape == (112, 112)  # upsampled to the crop
         np.testing.assert_allclose(a.cam_input, b.cam_input, atol=1e-6)
+
+
+def test_server_timings_come_from_the_response_in_ms():
+    geometry = Geometry.for_image(300, 500, 128, (112, 112))
+    explained = Explained(
+        model="m", model_version="v", method="gradcam", layers=["l"], geometry=geometry,
+        targets=[Target(c, f"thing {c}", 1.0, 0.5, np.ones((4, 4), np.float32))
+                 for c in (1, 2)],
+        logits=np.zeros((1, 10), np.float32), per_layer={},
+        timings_us={"decode_us": 1500, "preprocess_us": 2001, "inference_us": 7000,
+                    "postprocess_us": 250})
+    found = explanations(to_response(explained, ExplainOptions().to_request(b"jpeg")))
+    want = ServerTimings(1.5, 2.001, 7.0, 0.25)
+    assert [e.server_timings for e in found] == [want, want]  # the request's, per target
+    assert want.total_ms == pytest.approx(10.751)
+    assert fuse(found).server_timings == want
+    # no timings on the wire (a refused stream frame's answer, an old server): None
+    bare = pb.ExplainResponse(model="m", method="gradcam")
+    bare.targets.add(class_index=1, label="a")
+    assert explanations(bare)[0].server_timings is None
+    # the Triton path runs the pipeline here: no server's timings to give
+    assert explanations_from(explained)[0].server_timings is None
 
 
 def test_load_image_refuses_what_it_cannot_read(tmp_path):
