@@ -20,7 +20,7 @@ process spinning, as the server's session does: here spinning off costs the expl
 (6.5 -> 12 ms on 2 cores), so e2e - graph and the issue's targets use the spinning one. Every call runs once per
 round, in a fresh random order, after warm-up rounds; the table gives median and p10-p90 (ms),
 e2e minus the graph, the request's size on the wire, the server's own stage timings (from the
-response's ``Timings``, separate calls after the rounds) and, for client-resized, the SDK's
+response's ``Timings`` of the same timed calls) and, for client-resized, the SDK's
 resize. The server: ``--device cpu --intra-op-threads N``, a free port, messages up to 64 MB
 (a 4K RGB8 frame is 24.9 MB).
 
@@ -263,11 +263,14 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             try:
                 calls: dict[str, Callable[[], float]] = {}
                 given = {size: inputs(rgb) for size, rgb in frames.items()}
+                stages: dict[str, list[tuple[float, ...]]] = {}
                 for size in SIZES:
                     for key, graph in graphs.items():
                         calls[f"{size}/{key}"] = lambda size=size, graph=graph: graph.run(size)
                     for kind, (image, extra) in given[size].items():
-                        calls[f"{size}/{kind}"] = _e2e(client, image, extra)
+                        stages[f"{size}/{kind}"] = []
+                        calls[f"{size}/{kind}"] = _e2e(client, image, extra,
+                                                       stages[f"{size}/{kind}"])
                 print(f"{len(calls)} calls x {args.rounds} rounds ({args.warmup} warm-up)")
                 times = time_rounds(calls, args.rounds, args.warmup, args.pause_ms / 1e3)
             finally:
@@ -275,6 +278,11 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                     graph.stop()
             details = {size: _details(client, given[size], spec, client_resized)
                        for size in SIZES}
+            for size in SIZES:  # the server's stages of the timed calls
+                for kind in given[size]:
+                    rows = steady(stages[f"{size}/{kind}"], args.warmup, 1)
+                    details[size][kind]["server_ms"] = dict(zip(STAGES, np.median(
+                        rows, axis=0).tolist()))
     finally:
         process.terminate()
         process.wait(10)
@@ -283,18 +291,23 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             "details": details}
 
 
-def _e2e(client, image: Any, extra: dict[str, Any]) -> Callable[[], float]:
+def _e2e(client, image: Any, extra: dict[str, Any], record: list[tuple[float, ...]]
+         ) -> Callable[[], float]:
+    """``Client.explain`` timed; each call appends the server's stage times (ms, ``STAGES``)
+    to ``record``."""
     def call() -> float:
         start = time.perf_counter()
-        client.explain(image, model=MODEL.stem, **extra)
-        return (time.perf_counter() - start) * 1e3
+        found = client.explain(image, model=MODEL.stem, **extra)
+        elapsed = (time.perf_counter() - start) * 1e3
+        server = found[0].server_timings
+        record.append(tuple(getattr(server, f"{stage}_ms") for stage in STAGES))
+        return elapsed
     return call
 
 
 def _details(client, given: dict[str, tuple[Any, dict]], spec, client_resized,
              calls: int = 7) -> dict[str, Any]:
-    """Per kind: the request's bytes and the server's stage medians (ms); client-resized
-    also the SDK's resize (ms)."""
+    """Per kind: the request's bytes; client-resized also the SDK's resize (ms)."""
     from camserve.client import Client
 
     out = {}
@@ -306,13 +319,7 @@ def _details(client, given: dict[str, tuple[Any, dict]], spec, client_resized,
                 small, _ = client_resized(image, spec)
                 resize_ms.append((time.perf_counter() - start) * 1e3)
             image = small
-        request = Client.request(image, model=MODEL.stem)
-        timings = [client._stub.Explain(request, timeout=TIMEOUT_S).timings
-                   for _ in range(calls)]
-        out[kind] = {"request_bytes": request.ByteSize(),
-                     "server_ms": {stage: statistics.median(getattr(t, f"{stage}_us") / 1e3
-                                                           for t in timings)
-                                   for stage in STAGES}}
+        out[kind] = {"request_bytes": Client.request(image, model=MODEL.stem).ByteSize()}
         if resize_ms:
             out[kind]["client_resize_ms"] = statistics.median(resize_ms)
     return out
@@ -333,8 +340,8 @@ def report(result: dict[str, Any], info: dict[str, Any], args: argparse.Namespac
               f"map at model-input size, float16). Median and p10-p90 of {args.rounds} "
               f"interleaved rounds after {args.warmup} warm-up rounds, each call "
               f"{args.pause_ms:g} ms after the previous; the same picture on every side; "
-              f"JPEG quality {JPEG_QUALITY}. Server stages: medians of separate calls after "
-              "the rounds."), "",
+              f"JPEG quality {JPEG_QUALITY}. Server stages: medians over the same timed calls "
+              "(`Explanation.server_timings`)."), "",
              ("| frame | input | e2e ms (median) | p10-p90 | e2e - graph ms | target | "
               "request bytes | server decode / preprocess / inference / postprocess ms | "
               "client resize ms |"),
