@@ -349,8 +349,8 @@ def _resample(rgb: np.ndarray, rows: Taps, cols: Taps, clip: bool) -> np.ndarray
     tall = np.empty((height, span * 3), np.float32)
     # one float32 buffer for every block's rows: a 4K frame's blocks are ~4 MB each, and the
     # server maps such blocks afresh and unmaps them on free (lifecycle.return_freed_memory);
-    # on a request thread each unmap stops the process's other threads (TLB shootdown): 28
-    # blocks took 40-50 ms instead of 11 for a 4K frame
+    # on a request thread that cost most (likely each unmap's TLB shootdown across the
+    # process's threads): 28 blocks took 40-50 ms instead of 11-14 for a 4K frame
     rows_float = np.empty((max(i1 - i0 for _, _, i0, i1, _ in rows), span * 3), np.float32)
     for o0, o1, i0, i1, weights in rows:
         # one pass: the strided uint8 rows -> contiguous float32 [i1-i0, span*3]
