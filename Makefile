@@ -87,7 +87,7 @@ bench-arena: install $(DEMO_MODEL)
 	$(PY) bench/arena.py $(BENCH_ARGS)
 
 # Dynamic batching (the default) vs --no-batching on the CPU: explanations/s at 1/4/16 clients,
-# Lite0 and resnet50, both settings in each round in random order (~6 min on 2 cores).
+# Lite0 and resnet50, 4 rounds, both settings in each round in random order (~9 min on 2 cores).
 # Writes bench/results/batching.{md,json}.
 .PHONY: bench-batching
 bench-batching: install

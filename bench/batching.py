@@ -1,6 +1,6 @@
 """Dynamic batching or not, on the CPU: explanations/s at 1, 4 and 16 clients.
 
-``make bench-batching`` (or ``.venv/bin/python bench/batching.py [--models ...] [--rounds 3]``).
+``make bench-batching`` (or ``.venv/bin/python bench/batching.py [--models ...] [--rounds 4]``).
 
 For each model (EfficientNet-Lite0 from models/, resnet50 with compare.py's seeded random
 weights), ``camserve serve`` on the CPU with 2 intra-op threads runs once per setting and
@@ -38,7 +38,7 @@ CLIENTS = (1, 4, 16)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet50"])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")

@@ -64,7 +64,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from frames import (  # bench/frames.py
+    STAGES,
     cpu_name,
+    explain_call,
     free_port,
     settings,
     steady,
@@ -92,7 +94,6 @@ LABELS = {
     "grad-cam": "grad-cam 1.5.7 GradCAM, torch",
     "captum": "Captum LayerGradCam + interpolate, torch",
 }
-STAGES = ("decode", "preprocess", "inference", "postprocess")
 
 
 def progress(message: str) -> None:
@@ -313,21 +314,6 @@ def served_folder(explainer: Path, scratch: Path, tag: str) -> Path:
     return folder
 
 
-def e2e_call(client, jpeg: bytes, model: str, record: list[tuple[float, ...]]
-             ) -> Callable[[], float]:
-    """``Client.explain`` timed; each call appends the server's stage times and the rest
-    (ms) to ``record``, in the order of ``STAGES`` then "outside"."""
-    def call() -> float:
-        start = time.perf_counter()
-        found = client.explain(jpeg, model=model)
-        total = (time.perf_counter() - start) * 1e3
-        server = found[0].server_timings
-        stages = [getattr(server, f"{stage}_ms") for stage in STAGES]
-        record.append((*stages, total - server.total_ms))
-        return total
-    return call
-
-
 def clients_rate(address: str, jpeg: bytes, model: str, clients: int, seconds: float) -> float:
     """Explanations/s: ``clients`` threads, each with its own Client, for ``seconds``."""
     from camserve.client import Client
@@ -391,7 +377,8 @@ def measure(arch: str, precision: str, args: argparse.Namespace,
         calls["graph+cam/spin"] = lambda: sides["graph/spin"].ask("explain")
         records: dict[str, list[tuple[float, ...]]] = {mode: [] for mode in clients}
         for mode, client in clients.items():
-            calls[f"e2e/{mode}"] = e2e_call(client, jpeg, explainer.stem, records[mode])
+            calls[f"e2e/{mode}"] = explain_call(client, jpeg, records[mode],
+                                                model=explainer.stem)
         progress(f"{tag}: {len(calls)} calls x {args.runs} rounds ({args.warmup} warm-up)")
         load_rounds = os.getloadavg()
         times = time_rounds(calls, args.runs, args.warmup, args.pause_ms / 1e3, args.burst)

@@ -197,6 +197,21 @@ def steady(records: list[Any], warmup: int, burst: int) -> list[Any]:
     return [r for i, r in enumerate(timed) if burst == 1 or i % burst != 0]
 
 
+def explain_call(client, image: Any, record: list[tuple[float, ...]], **options: Any
+                 ) -> Callable[[], float]:
+    """``client.explain(image, **options)`` timed (ms); each call appends to ``record`` the
+    server's stage times (ms, in the order of ``STAGES``) and then the rest of the call."""
+    def call() -> float:
+        start = time.perf_counter()
+        found = client.explain(image, **options)
+        total = (time.perf_counter() - start) * 1e3
+        server = found[0].server_timings
+        record.append((*(getattr(server, f"{stage}_ms") for stage in STAGES),
+                       total - server.total_ms))
+        return total
+    return call
+
+
 def summary(samples: list[float]) -> dict[str, Any]:
     deciles = statistics.quantiles(samples, n=10, method="inclusive")
     return {"median": statistics.median(samples), "p10": deciles[0], "p90": deciles[-1],
@@ -269,8 +284,8 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                         calls[f"{size}/{key}"] = lambda size=size, graph=graph: graph.run(size)
                     for kind, (image, extra) in given[size].items():
                         stages[f"{size}/{kind}"] = []
-                        calls[f"{size}/{kind}"] = _e2e(client, image, extra,
-                                                       stages[f"{size}/{kind}"])
+                        calls[f"{size}/{kind}"] = explain_call(
+                            client, image, stages[f"{size}/{kind}"], model=MODEL.stem, **extra)
                 print(f"{len(calls)} calls x {args.rounds} rounds ({args.warmup} warm-up)")
                 times = time_rounds(calls, args.rounds, args.warmup, args.pause_ms / 1e3)
             finally:
@@ -281,28 +296,14 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             for size in SIZES:  # the server's stages of the timed calls
                 for kind in given[size]:
                     rows = steady(stages[f"{size}/{kind}"], args.warmup, 1)
-                    details[size][kind]["server_ms"] = dict(zip(STAGES, np.median(
-                        rows, axis=0).tolist()))
+                    details[size][kind]["server_ms"] = dict(zip(
+                        STAGES, np.median(rows, axis=0)[:len(STAGES)].tolist()))
     finally:
         process.terminate()
         process.wait(10)
     return {"model": info.name, "preprocessing": {"resize": spec.resize, "crop": spec.crop},
             "latency_ms": {key: summary(samples) for key, samples in times.items()},
             "details": details}
-
-
-def _e2e(client, image: Any, extra: dict[str, Any], record: list[tuple[float, ...]]
-         ) -> Callable[[], float]:
-    """``Client.explain`` timed; each call appends the server's stage times (ms, ``STAGES``)
-    to ``record``."""
-    def call() -> float:
-        start = time.perf_counter()
-        found = client.explain(image, model=MODEL.stem, **extra)
-        elapsed = (time.perf_counter() - start) * 1e3
-        server = found[0].server_timings
-        record.append(tuple(getattr(server, f"{stage}_ms") for stage in STAGES))
-        return elapsed
-    return call
 
 
 def _details(client, given: dict[str, tuple[Any, dict]], spec, client_resized,
