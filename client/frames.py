@@ -101,12 +101,15 @@ class Frame:
         """The ``camserve.v1.PixelFormat`` value."""
         return layout_of(self.pixel_format).value
 
-    def to_proto(self) -> pb.RawImage:
-        """The RawImage; an rgb8 frame without padding leaves format and step unset (the
-        request any camserve server reads)."""
+    def to_proto(self, into: pb.RawImage | None = None) -> pb.RawImage:
+        """The RawImage, written into ``into`` when given (a request's ``pixels``: no second
+        copy of the pixels, as ``CopyFrom`` would make); an rgb8 frame without padding
+        leaves format and step unset (the request any camserve server reads)."""
         value = self.format_value
-        return pb.RawImage(height=self.height, width=self.width, pixels=self.data,
-                           format=0 if value == pb.RGB8 else value, step=self.step)
+        raw = pb.RawImage() if into is None else into
+        raw.height, raw.width, raw.pixels = self.height, self.width, self.data
+        raw.format, raw.step = 0 if value == pb.RGB8 else value, self.step
+        return raw
 
     def to_rgb(self) -> np.ndarray:
         """The frame as uint8 RGB [H,W,3], decoded here as the server does (e.g. to draw an

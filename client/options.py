@@ -219,9 +219,9 @@ def _set_image(request: pb.ExplainRequest, image: Any, tensor: np.ndarray | None
         if pixel_format not in (None, frame.pixel_format):
             raise CallerError(f"pixel_format {pixel_format!r} contradicts the frame's own "
                               f"{frame.pixel_format!r}")
-        request.pixels.CopyFrom(frame.to_proto())
+        frame.to_proto(into=request.pixels)
     else:
-        request.pixels.CopyFrom(Frame.from_array(image, pixel_format or "rgb8").to_proto())
+        Frame.from_array(image, pixel_format or "rgb8").to_proto(into=request.pixels)
 
 
 def client_resized(image: Any, spec: Preprocessing, pixel_format: str | None = None,

@@ -16,6 +16,7 @@ from typing import NamedTuple
 from camserve.contract import ModelCard
 from camserve.errors import CamserveError
 from camserve.explain import attributions, methods
+from camserve.explain.frames import declared_bytes
 from camserve.explain.image import declared_size
 from camserve.v1 import explainer_pb2 as pb
 
@@ -69,7 +70,10 @@ def estimate(request: pb.ExplainRequest, card: ModelCard) -> Estimate:
         frame_h = frame_w = 0
     sixteen_bit = request.HasField("window") or (
         size is not None and size[0] == "PNG" and encoded[24:25] == b"\x10")  # IHDR depth
-    received = request.pixels.ByteSize() if kind == "pixels" else len(encoded)
+    raw = request.pixels
+    # a frame whose pixels differ from its header is refused as soon as they are read
+    received = (declared_bytes(raw.height, raw.width, raw.format, raw.step)
+                if kind == "pixels" else len(encoded))
     explaining = explaining_bytes(request, card, frame_h * frame_w)
     return Estimate(decoding_bytes(frame_h * frame_w, sixteen_bit, received, card)
                     + explaining.host, explaining.graph)

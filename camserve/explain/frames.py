@@ -129,6 +129,17 @@ def frame_bytes(layout: PixelLayout, height: int, step: int) -> int:
     return height * step + sum((height // 2) * (step // d) for d in layout.chroma)
 
 
+def declared_bytes(height: int, width: int, pixel_format: int, step: int = 0) -> int:
+    """The bytes a raw frame's header declares (what ``check_frame`` then requires of its
+    pixels), without reading the pixels: reading the field copies it, and protobuf's
+    ``ByteSize()`` encodes the whole message. 0 for a format this server does not know
+    (decoding refuses it)."""
+    layout = LAYOUTS.get(int(pixel_format))
+    if layout is None:
+        return 0
+    return frame_bytes(layout, height, step or layout.row_bytes(width))
+
+
 def _formula(layout: PixelLayout, height: int, step: int) -> str:
     """``frame_bytes`` in words, for the message of a wrong byte count."""
     planes = [f"{height} rows of {step} bytes"]

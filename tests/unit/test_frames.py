@@ -19,6 +19,7 @@ from camserve.explain.frames import (
     LAYOUTS,
     PIXEL_FORMATS,
     TABLE,
+    declared_bytes,
     frame_bytes,
     frame_to_rgb,
     layout_of,
@@ -110,6 +111,7 @@ def test_the_table_covers_every_proto_format():
     assert layout_of("yuv422_yuy2") is layout_of(pb.YUYV) is layout_of("YUYV")
     layout = layout_of("i420")
     assert frame_bytes(layout, 4, 8) == 4 * 8 + 2 * 2 * 4 == 48
+    assert declared_bytes(4, 6, 99) == 0  # a newer client's format: decoding refuses it
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -138,7 +140,10 @@ def test_padded_steps_give_the_pixels_of_the_packed_frame(name, extra):
         extra += 1  # I420's chroma rows are step/2: the step is even
     step = row + extra
     padded = pad(frame.tobytes(), name, H, W, step)
-    assert len(padded) == frame_bytes(layout_of(name), H, step)
+    value = layout_of(name).value
+    assert len(padded) == frame_bytes(layout_of(name), H, step) == declared_bytes(H, W, value,
+                                                                                  step)
+    assert len(frame.tobytes()) == declared_bytes(H, W, value)  # step 0: packed
     np.testing.assert_array_equal(frame_to_rgb(H, W, padded, name, step), opencv)
     # step = the packed row is the packed frame
     np.testing.assert_array_equal(frame_to_rgb(H, W, frame.tobytes(), name, row), opencv)
