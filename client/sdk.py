@@ -343,7 +343,7 @@ def _onto(found: Explanation, original: tuple[int, int],
 
 def _decode_map(message: pb.Tensor) -> np.ndarray:
     """A map as sent (float32, float16, or uint8 = map * 255) -> float32 [h,w]."""
-    cam = tensors.from_proto(message).astype(np.float32)
+    cam = tensors.cast(tensors.from_proto(message), np.float32)
     return cam / np.float32(255) if message.dtype == pb.UINT8 else cam
 
 

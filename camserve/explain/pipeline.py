@@ -414,7 +414,7 @@ def _as_received(cam: np.ndarray, dtype: int) -> np.ndarray:
         return np.rint(np.clip(cam, 0, 1) * 255).astype(np.uint8).astype(np.float32) / \
             np.float32(255)
     if dtype == pb.FLOAT16:
-        return cam.astype(np.float16).astype(np.float32)
+        return tensors.cast(tensors.cast(cam, np.float16), np.float32)
     return cam.astype(np.float32, copy=False)
 
 
