@@ -211,7 +211,7 @@ def decode_for(data: bytes, shorter_side: int, max_pixels: int = DEFAULT_MAX_PIX
         for h0, w0 in ((height, width), (width, height)):
             if rgb.shape[:2] == (h0 // factor, w0 // factor):
                 return Decoded(rgb, (h0, w0), factor)
-        rgb = _imdecode(data, kind, cv2.IMREAD_COLOR)  # a size we cannot place: full size
+        rgb = _imdecode(data, kind, _REDUCED[1])  # a size we cannot place: full size
     return Decoded(rgb, rgb.shape[:2])
 
 
@@ -221,12 +221,16 @@ def decode_for(data: bytes, shorter_side: int, max_pixels: int = DEFAULT_MAX_PIX
 # rounds a reduced size up (ceil(N/f)): the last pixel covers a part block, at the end of the
 # axis or, after an EXIF flip or rotation, at its start, so f must divide both sides.
 HEADROOM = 2
-_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
-            4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+# decoded straight to RGB (the decoder writes RGB: no conversion pass after it); the reduced
+# flags' colour bit is IMREAD_COLOR (BGR), which IMREAD_COLOR_RGB replaces
+_REDUCED = {factor: flag & ~cv2.IMREAD_COLOR | cv2.IMREAD_COLOR_RGB for factor, flag in (
+    (1, cv2.IMREAD_COLOR), (2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4),
+    (8, cv2.IMREAD_REDUCED_COLOR_8))}
 
 
 def _imdecode(data: bytes, kind: str, flag: int) -> np.ndarray:
-    """OpenCV's decode with ``flag``, in RGB order (gray [H,W] stays gray)."""
+    """OpenCV's decode with ``flag``, in RGB order (gray [H,W] stays gray; without
+    IMREAD_COLOR_RGB in ``flag``, colour comes from OpenCV as BGR and is converted)."""
     try:
         bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     except cv2.error as exc:
@@ -234,7 +238,9 @@ def _imdecode(data: bytes, kind: str, flag: int) -> np.ndarray:
     if bgr is None:
         raise ImageError(f"cannot decode the {kind} image ({len(data)} bytes): the file is "
                          "damaged or cut short")
-    return bgr if bgr.ndim == 2 else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if bgr.ndim == 2 or flag & cv2.IMREAD_COLOR_RGB:
+        return bgr
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def preprocess(photo: np.ndarray | Decoded, spec: Preprocessing
