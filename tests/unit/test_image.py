@@ -3,6 +3,8 @@ numerics against the formula in float64, raw pixels."""
 
 from __future__ import annotations
 
+import struct
+
 import cv2
 import numpy as np
 import pytest
@@ -10,7 +12,14 @@ import pytest
 from camserve.contract import Preprocessing
 from camserve.errors import CallerError, LimitError
 from camserve.explain.frames import frame_to_rgb as from_pixels
-from camserve.explain.image import ImageError, declared_size, decode, decode_for, preprocess
+from camserve.explain.image import (
+    ImageError,
+    declared_size,
+    decode,
+    decode_for,
+    jpeg_is_complete,
+    preprocess,
+)
 
 
 def _photo(height: int = 30, width: int = 40) -> np.ndarray:
@@ -48,6 +57,21 @@ def test_bad_bytes_are_a_caller_error_naming_the_problem(data, message):
     with pytest.raises(ImageError, match=message) as raised:
         decode(data)
     assert isinstance(raised.value, CallerError)
+
+
+def test_a_cut_jpeg_is_refused_even_after_a_thumbnails_end_marker():
+    """An EXIF-style thumbnail (a whole JPEG inside an APP1 segment, end marker included)
+    before the frame header: the main image cut short is still refused."""
+    main = cv2.imencode(".jpg", _photo(64, 64))[1].tobytes()
+    thumbnail = cv2.imencode(".jpg", _photo(8, 8))[1].tobytes()
+    app1 = b"\xff\xe1" + struct.pack(">H", 2 + 6 + len(thumbnail)) + b"Exif\0\0" + thumbnail
+    whole = main[:2] + app1 + main[2:]
+    assert declared_size(whole) == ("JPEG", 64, 64)
+    assert jpeg_is_complete(whole) and decode(whole).shape == (64, 64, 3)
+    cut = whole[:len(whole) - 200]
+    assert not jpeg_is_complete(cut)
+    with pytest.raises(ImageError, match="cut short"):
+        decode(cut)
 
 
 def _pil_weights(size: int, out: int, kind: str) -> np.ndarray:
