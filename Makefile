@@ -74,6 +74,13 @@ bench: install
 bench-frames: install $(DEMO_MODEL)
 	$(PY) bench/frames.py $(BENCH_ARGS)
 
+# Postprocessing alone (graph outputs -> maps -> response bytes) per map space and dtype,
+# back to back and after a graph run, in one process (~20 s). Writes
+# bench/results/postprocess.{md,json}.
+.PHONY: bench-postprocess
+bench-postprocess: install $(DEMO_MODEL)
+	$(PY) bench/postprocess.py $(BENCH_ARGS)
+
 # Score-CAM and Ablation-CAM (resnet18 layer4, 224²): camserve in-process and e2e over gRPC
 # vs grad-cam 1.5.7 on torch, each side in its own process, interleaved rounds (~4 min on 2
 # idle cores; BENCH_ARGS="--rounds 5"). Writes bench/results/expensive_methods.{md,json}.

@@ -49,6 +49,14 @@ def cast(array: np.ndarray, dtype: np.dtype | type, copy: bool = True) -> np.nda
     return _opencv_cast(np.ascontiguousarray(array).reshape(1, -1), target).reshape(array.shape)
 
 
+def to_levels(unit: np.ndarray) -> np.ndarray:
+    """A map in [0, 1] as uint8 levels 0..255: rint(clip(x, 0, 1) * 255) in float32, halves
+    to even (the wire's UINT8 maps, and the SDK's heatmaps)."""
+    levels = np.clip(unit, 0, 1, dtype=np.float32)
+    levels *= np.float32(255)
+    return np.rint(levels, out=levels).astype(np.uint8)
+
+
 def to_proto(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
     """Encode ``array`` (cast to ``dtype``, a camserve.v1.DataType, when given)."""
     target = _NUMPY[dtype] if dtype is not None else np.dtype(array.dtype).newbyteorder("<")

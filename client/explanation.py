@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from camserve import tensors
 from camserve.errors import CallerError
 from camserve.explain.geometry import Geometry, resize_map, to_original
 from camserve.explain.methods import DEFAULT_METHOD
@@ -116,7 +117,7 @@ class Explanation:
         if colormap not in _COLORMAPS:
             raise ValueError(f"unknown colormap {colormap!r}; choose one of: "
                              f"{', '.join(_COLORMAPS)}")
-        scaled = np.rint(np.clip(self.cam, 0, 1) * 255).astype(np.uint8)
+        scaled = tensors.to_levels(self.cam)
         return cv2.cvtColor(cv2.applyColorMap(scaled, _COLORMAPS[colormap]), cv2.COLOR_BGR2RGB)
 
     def overlay(self, image: np.ndarray, alpha: float = 0.5,

@@ -411,8 +411,7 @@ def _as_received(cam: np.ndarray, dtype: int) -> np.ndarray:
     """float32 [h,w]: ``cam`` after the wire's ``dtype`` (``response.to_response`` encodes,
     the SDK decodes: float16 rounding, UINT8 = rint(map * 255) / 255)."""
     if dtype == pb.UINT8:
-        return np.rint(np.clip(cam, 0, 1) * 255).astype(np.uint8).astype(np.float32) / \
-            np.float32(255)
+        return tensors.to_levels(cam).astype(np.float32) / np.float32(255)
     if dtype == pb.FLOAT16:
         return tensors.cast(tensors.cast(cam, np.float16), np.float32)
     return cam.astype(np.float32, copy=False)

@@ -55,5 +55,5 @@ def _region(region: Region) -> pb.Region:
 
 def _encode_map(cam_map: np.ndarray, dtype: int) -> pb.Tensor:
     if dtype == pb.UINT8:
-        return tensors.to_proto(np.rint(np.clip(cam_map, 0, 1) * 255), pb.UINT8)
+        return tensors.to_proto(tensors.to_levels(cam_map))
     return tensors.to_proto(cam_map, dtype)

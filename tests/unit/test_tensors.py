@@ -60,6 +60,21 @@ def test_cast_copies_unless_told_not_to():
     assert tensors.cast(strided, np.float32, copy=False).flags.c_contiguous
 
 
+def test_levels_clip_and_round_halves_to_even():
+    """Both sides of every level's rounding boundary (where halves go to even), values
+    outside [0, 1] and infinities; shapes kept."""
+    halves = (np.arange(256, dtype=np.float32) + np.float32(0.5)) / np.float32(255)
+    values = np.concatenate([
+        np.random.default_rng(3).random(200_000, dtype=np.float32), halves,
+        np.nextafter(halves, np.float32(2)), np.nextafter(halves, np.float32(-1)),
+        np.array([0.0, -0.0, 1.0, 1.0000001, 7.0, -0.001, -3.0, np.inf, -np.inf], np.float32)])
+    expected = np.rint(np.clip(values, 0, 1) * np.float32(255)).astype(np.uint8)
+    np.testing.assert_array_equal(tensors.to_levels(values), expected)
+    cube = values[:24].reshape(2, 3, 4)
+    assert tensors.to_levels(cube).shape == (2, 3, 4)
+    assert tensors.to_levels(np.zeros((0, 5), np.float32)).shape == (0, 5)
+
+
 @pytest.mark.parametrize("dtype", [pb.FLOAT32, pb.FLOAT16, pb.UINT8])
 def test_tensor_messages_round_trip(dtype):
     array = np.random.default_rng(2).random((2, 5, 6), dtype=np.float32)
