@@ -42,6 +42,7 @@ from camserve.server.security import (
     server_credentials,
 )
 from camserve.server.service import ExplainerService
+from camserve.server.wire import ZeroCopyImageInterceptor
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
 
@@ -205,8 +206,9 @@ def _listen(config: ServerConfig, repository: ModelRepository, gate: Gate,
                # Linux gRPC sets SO_REUSEPORT: a second server would silently share the port
                ("grpc.so_reuseport", 0)]
     options += connection_age_options(config)
+    # MalformedMessageInterceptor wraps the parser that ZeroCopyImageInterceptor puts in
     interceptors = [gate] + ([TokenAuthInterceptor(token)] if token else []) + [
-        MalformedMessageInterceptor()]
+        MalformedMessageInterceptor(), ZeroCopyImageInterceptor()]
     # gRPC answers RESOURCE_EXHAUSTED at once to calls beyond workers + queue
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
                          options=options, interceptors=interceptors,

@@ -25,6 +25,7 @@ from camserve.server.metrics import Metrics
 from camserve.server.repository import ModelRepository
 from camserve.server.runtime import ExplainerModel
 from camserve.server.streams import STATS_METADATA, FrameStream
+from camserve.server.wire import Received
 from camserve.v1 import explainer_pb2 as pb
 from camserve.v1 import explainer_pb2_grpc as pb_grpc
 
@@ -50,12 +51,14 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         self.budget = MemoryBudget.from_mb(config.max_inflight_mb, arena_kept=config.cpu_arena)
 
     # --- RPCs -----------------------------------------------------------------------------
-    def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext):
+    def Explain(self, received: Received, context: grpc.ServicerContext):
+        """``received``: the request as ``wire.ZeroCopyImageInterceptor`` parses it."""
+        request = received.message
         self.metrics.in_flight.inc()
         code = grpc.StatusCode.OK
         started = time.perf_counter()
         try:
-            return self._measured(self.explain(request, context.is_active))
+            return self._measured(self.explain(request, context.is_active, received.image))
         except Exception as exc:  # noqa: BLE001 -- every failure becomes a status
             code = status_of(exc)
             self._abort(context, exc, request.request_id)
@@ -68,18 +71,18 @@ class ExplainerService(pb_grpc.ExplainerServicer):
                             request.method or methods.DEFAULT_METHOD, code.name,
                             (time.perf_counter() - started) * 1e3)
 
-    def ExplainStream(self, requests: Iterator[pb.ExplainRequest],
-                      context: grpc.ServicerContext):
+    def ExplainStream(self, requests: Iterator[Received], context: grpc.ServicerContext):
         """Frames through a ``streams.FrameStream`` (its StreamOptions: latest frame wins,
         per-frame deadlines, temporal smoothing); its stats also ride in the trailing
         metadata. A client that leaves closes the stream at once: waiting frames and the
         smoothing state are dropped, and its reader ends with the call."""
 
-        def explain(request: pb.ExplainRequest, alive: Callable[[], bool]):
+        def explain(received: Received, alive: Callable[[], bool]):
+            request, image = received.message, received.image
             model = self.repository.get(request.model)
-            with self.budget.admit(estimate(request, model.card)):
+            with self.budget.admit(estimate(request, model.card, image)):
                 return self.pipeline.explain(request, model, self.repository.runner(model),
-                                             alive)
+                                             alive, image)
 
         def failed(exc: Exception, request_id: str) -> pb.Error:
             code = status_of(exc)
@@ -131,14 +134,15 @@ class ExplainerService(pb_grpc.ExplainerServicer):
         return pb.ReloadModelsResponse(loaded=loaded, refused=refused)
 
     # --- the pipeline ---------------------------------------------------------------------
-    def explain(self, request: pb.ExplainRequest,
-                alive: Callable[[], bool] = lambda: True) -> pb.ExplainResponse:
+    def explain(self, request: pb.ExplainRequest, alive: Callable[[], bool] = lambda: True,
+                image: memoryview | None = None) -> pb.ExplainResponse:
         """Answer one request; ``alive`` says whether its caller still waits (a request
-        whose deadline passed or that was cancelled is dropped before the graph runs)."""
+        whose deadline passed or that was cancelled is dropped before the graph runs);
+        ``image``: its image's bytes when they are not in the message (``Received``)."""
         model = self.repository.get(request.model)
-        with self.budget.admit(estimate(request, model.card)):  # or RESOURCE_EXHAUSTED
+        with self.budget.admit(estimate(request, model.card, image)):  # or RESOURCE_EXHAUSTED
             explained = self.pipeline.explain(request, model, self.repository.runner(model),
-                                              alive)
+                                              alive, image)
             return to_response(explained, request)
 
     def model_info(self, model: ExplainerModel) -> pb.ModelInfo:

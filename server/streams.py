@@ -1,7 +1,8 @@
 """One ExplainStream: frames in, one response per frame out, in order of arrival.
 
-A ``FrameStream`` is driven by an iterator of requests and is itself an iterator of
-responses; it knows nothing of gRPC (``service.ExplainStream`` wires it to a call).
+A ``FrameStream`` is driven by an iterator of requests (``wire.Received``: each message with
+its image's bytes) and is itself an iterator of responses; it knows nothing of gRPC
+(``service.ExplainStream`` wires it to a call).
 
     requests --reader thread--> frames (arrival order) --the caller's thread--> responses
                                  │ latest_frame_wins: a new frame marks every frame still
@@ -41,6 +42,7 @@ from camserve.errors import CamserveError, DeadlineError
 from camserve.explain.pipeline import Explained
 from camserve.explain.response import to_response
 from camserve.explain.temporal import DEFAULT_SCENE_CHANGE, TemporalSmoother
+from camserve.server.wire import Received
 from camserve.v1 import explainer_pb2 as pb
 
 log = logging.getLogger("camserve.server")
@@ -53,12 +55,12 @@ REPLACED = "replaced by a newer frame"
 _numbers = itertools.count(1)
 
 # request, alive -> Explained; ``alive`` False: drop the request before its graph run
-Explain = Callable[[pb.ExplainRequest, Callable[[], bool]], Explained]
+Explain = Callable[[Received, Callable[[], bool]], Explained]
 
 
 @dataclass(eq=False)
 class _Frame:
-    request: pb.ExplainRequest | None  # None once skipped: the payload is not kept
+    request: Received | None  # None once skipped: the payload is not kept
     request_id: str
     arrived: float  # clock seconds
     reset: bool
@@ -76,7 +78,7 @@ class FrameStream:
     ``clock`` gives seconds (monotonic).
     """
 
-    def __init__(self, requests: Iterator[pb.ExplainRequest], explain: Explain, *,
+    def __init__(self, requests: Iterator[Received], explain: Explain, *,
                  failed: Callable[[Exception, str], pb.Error],
                  alive: Callable[[], bool] = lambda: True,
                  encode: Callable[[Explained, pb.ExplainRequest], pb.ExplainResponse]
@@ -106,14 +108,14 @@ class FrameStream:
     def _read(self) -> None:
         try:
             for request in self._requests:
-                arrived = self._clock()
+                arrived, message = self._clock(), request.message
                 with self._cond:
                     if self._closed:
                         return
                     if self.options is None:
-                        self._configure(request)
-                    self._admit(_Frame(request, request.request_id, arrived,
-                                       request.stream.reset))
+                        self._configure(message)
+                    self._admit(_Frame(request, message.request_id, arrived,
+                                       message.stream.reset))
         except CamserveError as exc:  # the first request's StreamOptions
             with self._cond:
                 self._error = exc
@@ -211,7 +213,7 @@ class FrameStream:
             explained = dataclasses.replace(explained, targets=self._smoother.apply(
                 explained.targets, reset=self._reset_pending))
             self._reset_pending = False
-        response = self._encode(explained, request)
+        response = self._encode(explained, request.message)
         self.explained += 1
         self._latencies.append((self._clock() - frame.arrived) * 1e3)
         return response

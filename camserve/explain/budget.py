@@ -21,9 +21,11 @@ from camserve.explain.image import declared_size
 from camserve.v1 import explainer_pb2 as pb
 
 F32 = 4  # bytes per float32
-# an image's bytes (raw or encoded) are held twice while the call runs: in the parsed
-# message, and in the copy protobuf hands out when the field is read (decoded from that copy)
+# an image's bytes (raw or encoded) are held twice while the call runs when they are in the
+# parsed message: there, and in the copy protobuf hands out when the field is read (decoded
+# from that copy); once when the server left them in gRPC's buffer (its ``wire.Received``)
 RECEIVED_COPIES = 2
+RECEIVED_COPIES_OUTSIDE = 1
 # onnxruntime's working memory per image of a graph run (the intermediate activations alive
 # at once), in model inputs; the card does not say how big the graph is. Measured per image
 # of a smoothed batch: TinyNet ~5, EfficientNet-Lite0 ~6. The liveness bound (the largest
@@ -55,12 +57,16 @@ class Estimate(NamedTuple):
         return self.host + self.graph
 
 
-def estimate(request: pb.ExplainRequest, card: ModelCard) -> Estimate:
+def estimate(request: pb.ExplainRequest, card: ModelCard,
+             image: bytes | memoryview | None = None) -> Estimate:
     """A request's peak memory, estimated from what it declares before any work (headers
     only, nothing decoded): decoding (``decoding_bytes``, all host memory) plus explaining
-    (``explaining_bytes``)."""
+    (``explaining_bytes``). ``image``: the bytes of the request's encoded file or raw frame
+    when they travel outside the message (as for ``Pipeline.explain``)."""
     kind = request.WhichOneof("image")
-    encoded = request.encoded if kind == "encoded" else b""  # reading the field copies it
+    encoded = b""
+    if kind == "encoded":  # reading the field copies it
+        encoded = request.encoded if image is None else image
     size = declared_size(encoded) if encoded else None
     if size is not None:
         _, frame_w, frame_h = size
@@ -75,7 +81,8 @@ def estimate(request: pb.ExplainRequest, card: ModelCard) -> Estimate:
     received = (declared_bytes(raw.height, raw.width, raw.format, raw.step)
                 if kind == "pixels" else len(encoded))
     explaining = explaining_bytes(request, card, frame_h * frame_w)
-    return Estimate(decoding_bytes(frame_h * frame_w, sixteen_bit, received, card)
+    copies = RECEIVED_COPIES if image is None else RECEIVED_COPIES_OUTSIDE
+    return Estimate(decoding_bytes(frame_h * frame_w, sixteen_bit, copies * received, card)
                     + explaining.host, explaining.graph)
 
 
@@ -87,12 +94,12 @@ def _model_input(card: ModelCard) -> int:
 
 def decoding_bytes(pixels: int, sixteen_bit: bool, received: int, card: ModelCard) -> int:
     """Decoding a frame of ``pixels`` pixels into the model input: the bytes received (a raw
-    frame's or an encoded file's: ``received``, ``RECEIVED_COPIES``), the decoded frame and
+    frame's or an encoded file's, each copy held: ``received``), the decoded frame and
     its colour conversion (uint8 [H0,W0,3] each; a 16-bit or windowed image also has its
     samples, up to 2 bytes x 3 channels a pixel; one block of rows being resampled takes
     less than a frame) and the preprocessing's float32 copies of the model input."""
     frame = 3 * pixels
-    return (RECEIVED_COPIES * received + (4 if sixteen_bit else 2) * frame
+    return (received + (4 if sixteen_bit else 2) * frame
             + 3 * _model_input(card))
 
 

@@ -181,7 +181,8 @@ def check_frame(height: int, width: int, size: int, pixel_format: int | str, ste
     return layout, step
 
 
-def frame_to_rgb(height: int, width: int, data: bytes, pixel_format: int | str = pb.RGB8,
+def frame_to_rgb(height: int, width: int, data: bytes | memoryview,
+                 pixel_format: int | str = pb.RGB8,
                  step: int = 0, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  field: str = "pixels") -> np.ndarray:
     """A raw frame -> uint8 RGB [height, width, 3] (a read-only view of ``data`` for RGB8).

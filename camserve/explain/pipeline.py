@@ -164,15 +164,17 @@ class Pipeline:
         self.limits = limits or Limits()
 
     def explain(self, request: pb.ExplainRequest, model: ExplainableModel,
-                runner: Runner | None = None,
-                alive: Callable[[], bool] = lambda: True) -> Explained:
+                runner: Runner | None = None, alive: Callable[[], bool] = lambda: True,
+                image: bytes | memoryview | None = None) -> Explained:
         """prepare -> ``runner.run`` (default: ``Direct``) -> finish. ``alive`` says whether
         the caller still waits: a request whose caller gave up is dropped before the graph
-        runs (DeadlineError)."""
+        runs (DeadlineError). ``image``: the bytes of the request's encoded file or raw
+        frame when they travel outside the message (the server's ``wire.Received``);
+        None: the message's own."""
         runner = runner or Direct(model)
         runner.expect()
         try:
-            job = self.prepare(request, model)
+            job = self.prepare(request, model, image)
             if not alive():
                 raise DeadlineError("the caller gave up before the model ran")
         except BaseException:
@@ -182,11 +184,13 @@ class Pipeline:
         job.inferred = time.perf_counter_ns()
         return self.finish(request, model, job, outputs)
 
-    def prepare(self, request: pb.ExplainRequest, model: ExplainableModel) -> Job:
-        """Validate the request and build the model input; nothing runs the graph yet."""
+    def prepare(self, request: pb.ExplainRequest, model: ExplainableModel,
+                image: bytes | memoryview | None = None) -> Job:
+        """Validate the request and build the model input; nothing runs the graph yet
+        (``image`` as for ``explain``)."""
         card = model.card
         started = time.perf_counter_ns()
-        rgb = self._decode(request, card.preprocessing.resize)
+        rgb = self._decode(request, card.preprocessing.resize, image)
         decoded = time.perf_counter_ns()
         if rgb is None:
             image = self._tensor(request.tensor, model)
@@ -329,10 +333,11 @@ class Pipeline:
             for s in range(len(batch))])
         return average_maps(maps, mirrored, normalize)
 
-    def _decode(self, request: pb.ExplainRequest, resize: int = 0
-                ) -> np.ndarray | Decoded | None:
+    def _decode(self, request: pb.ExplainRequest, resize: int = 0,
+                image: bytes | memoryview | None = None) -> np.ndarray | Decoded | None:
         """The request's photo as uint8 RGB [H,W,3] (a JPEG maybe decoded smaller for a
-        model resizing to ``resize``: ``Decoded``), or None for a preprocessed tensor."""
+        model resizing to ``resize``: ``Decoded``), or None for a preprocessed tensor.
+        ``image``: the encoded file's or raw frame's bytes, if not in the message."""
         kind = request.WhichOneof("image")
         window = None
         if request.HasField("window"):
@@ -341,11 +346,12 @@ class Pipeline:
                                   f"sends {kind or 'no image'}: drop `window` or send the file")
             window = Window(request.window.center, request.window.width)
         if kind == "encoded":
-            return decode_for(request.encoded, resize, self.limits.max_pixels, window)
+            return decode_for(request.encoded if image is None else image, resize,
+                              self.limits.max_pixels, window)
         if kind == "pixels":
             p = request.pixels
-            return frame_to_rgb(p.height, p.width, p.pixels, p.format, p.step,
-                                self.limits.max_pixels)
+            return frame_to_rgb(p.height, p.width, p.pixels if image is None else image,
+                                p.format, p.step, self.limits.max_pixels)
         if kind == "tensor":
             return None
         raise CamserveError("the request has no image: set encoded, pixels or tensor")
