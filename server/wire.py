@@ -27,7 +27,8 @@ import grpc
 from camserve.v1 import explainer_pb2 as pb
 
 SPLIT_ABOVE_BYTES = 256 * 1024
-EXPLAIN_METHODS = ("/camserve.v1.Explainer/Explain", "/camserve.v1.Explainer/ExplainStream")
+_SERVICE = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
+EXPLAIN_METHODS = (f"/{_SERVICE}/Explain", f"/{_SERVICE}/ExplainStream")  # take Received
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5  # the wire types a proto3 message uses
 _REQUEST = pb.ExplainRequest.DESCRIPTOR
