@@ -19,6 +19,7 @@ parser then accepts or refuses them exactly as it did.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,6 +28,9 @@ import grpc
 from camserve.v1 import explainer_pb2 as pb
 
 SPLIT_ABOVE_BYTES = 256 * 1024
+# a walk in Python over many small fields would cost more than protobuf's parse in C: a
+# message with more fields than this (a real request has a few dozen) is parsed whole
+MAX_FIELDS = 256
 _SERVICE = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
 EXPLAIN_METHODS = (f"/{_SERVICE}/Explain", f"/{_SERVICE}/ExplainStream")  # take Received
 
@@ -79,9 +83,17 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+def _fields(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int, int]]:
     """(number, wire type, field start, value start, value end) of each field of the message
-    in data[start:end]; a length-delimited value is its payload."""
+    in data[start:end] (a length-delimited value is its payload); raises _Unexpected beyond
+    ``MAX_FIELDS`` fields."""
+    found = list(itertools.islice(_walk(data, start, end), MAX_FIELDS + 1))
+    if len(found) > MAX_FIELDS:
+        raise _Unexpected
+    return found
+
+
+def _walk(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
     pos = start
     while pos < end:
         tag, value = _varint(data, pos)
@@ -128,7 +140,7 @@ def _split(data: bytes) -> tuple[bytes, memoryview] | None:
     occurrences of a message field merge. Every ``encoded`` keeps its place, emptied (its
     presence sets the oneof), and every RawImage keeps its place without its ``pixels``."""
     try:
-        fields = list(_fields(data, 0, len(data)))
+        fields = _fields(data, 0, len(data))
     except _Unexpected:
         return None
     members = [f[0] for f in fields if f[0] in _IMAGE_MEMBERS and f[1] == _LEN]

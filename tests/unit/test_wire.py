@@ -123,3 +123,15 @@ def test_large_requests_are_split_and_small_ones_parsed_whole():
     assert whole.image is None and whole.message.encoded == b"\xff\xd8 small"
     with pytest.raises(DecodeError):
         wire.parse_explain_request(data[:-1])
+
+
+def test_a_request_of_many_small_fields_is_parsed_whole():
+    """A large message made of many tiny (unknown) fields is left to protobuf's parser in C
+    after MAX_FIELDS of them, not walked field by field in Python."""
+    filler = (wire._tag(900, 0) + b"\x01") * 200_000
+    data = filler + pb.ExplainRequest(encoded=b"\xff\xd8" * 10).SerializeToString()
+    assert len(data) > wire.SPLIT_ABOVE_BYTES
+    assert wire._split(data) is None
+    received = wire.parse_explain_request(data)
+    assert received.image is None and received.message.encoded == b"\xff\xd8" * 10
+
