@@ -12,9 +12,10 @@ wire, leaves the image's bytes in gRPC's buffer (``Received.image``, a memoryvie
 has protobuf parse the rest: the same message with the image field present but empty, so
 that the ``image`` oneof still says which member it is. Field numbers come from the
 descriptors, so the .proto stays the one truth for the wire. Requests below
-``SPLIT_ABOVE_BYTES`` (a copy costs less than the walk), with a tensor image, or with wire
-this walk does not expect (groups, a truncated field) are parsed whole, as before: the
-parser then accepts or refuses them exactly as it did.
+``SPLIT_ABOVE_BYTES`` (a copy costs less than the walk), whose image is the smaller part of
+them, with a tensor image, with more than ``MAX_FIELDS`` fields, or with wire this walk
+does not expect (groups, a truncated field) are parsed whole, as before: the parser then
+accepts or refuses them exactly as it did.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def parse_explain_request(data: bytes) -> Received:
     raises for bytes that are not one (the caller's ``MalformedMessageInterceptor`` turns
     that into INVALID_ARGUMENT)."""
     split = _split(data) if len(data) >= SPLIT_ABOVE_BYTES else None
-    if split is None:
+    # a split copies the rest twice (joined, then parsed), a whole parse the image twice:
+    # split only when the image is the larger part
+    if split is None or 2 * len(split[1]) < len(split[0]):
         return Received(pb.ExplainRequest.FromString(data))
     rest, image = split
     return Received(pb.ExplainRequest.FromString(rest), image)

@@ -135,3 +135,11 @@ def test_a_request_of_many_small_fields_is_parsed_whole():
     received = wire.parse_explain_request(data)
     assert received.image is None and received.message.encoded == b"\xff\xd8" * 10
 
+
+def test_a_large_request_whose_image_is_small_is_parsed_whole():
+    """Splitting copies the rest of the message twice: not worth it for a small image."""
+    data = pb.ExplainRequest(request_id="x" * 400_000, encoded=b"\xff\xd8").SerializeToString()
+    assert wire._split(data) is not None
+    received = wire.parse_explain_request(data)
+    assert received.image is None and received.message.encoded == b"\xff\xd8"
+
