@@ -77,38 +77,26 @@ class Frame:
     @classmethod
     def from_array(cls, array: Any, pixel_format: str | int = "rgb8") -> Frame:
         """A uint8 array as OpenCV holds the format: [H,W,3] rgb8/bgr8, [H,W,4] rgba8/bgra8,
-        [H,W] mono8, [H,W,2] yuyv, [H*3/2,W] nv12/i420; sent packed, as it is."""
-        name = layout_of(pixel_format, "pixel_format").name
-        array = np.asarray(array)
-        channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "yuyv": 2}.get(name)
-        shape = array.shape
-        if channels is not None:
-            ok = array.ndim == 3 and shape[2] == channels
-            height, width = shape[:2] if ok else (0, 0)
-        elif name == "mono8":
-            ok = array.ndim == 2 or (array.ndim == 3 and shape[2] == 1)
-            height, width = shape[:2] if ok else (0, 0)
-        else:  # nv12, i420: [H * 3/2, W]
-            ok = array.ndim == 2 and shape[0] % 3 == 0
-            height, width = (shape[0] * 2 // 3, shape[1]) if ok else (0, 0)
-        if not ok or array.dtype != np.uint8:
-            raise CallerError(f"an image array must be {ARRAY_SHAPES[name]} for pixel_format "
-                              f"{name!r}, got {array.dtype} {list(shape)}")
-        return cls(np.ascontiguousarray(array).tobytes(), height, width, name)
+        [H,W] mono8, [H,W,2] yuyv, [H*3/2,W] nv12/i420; sent packed, as it is (the Frame
+        holds a copy of its bytes)."""
+        packed, height, width, name = packed_array(array, pixel_format)
+        return cls(packed.tobytes(), height, width, name)
 
     @property
     def format_value(self) -> int:
         """The ``camserve.v1.PixelFormat`` value."""
         return layout_of(self.pixel_format).value
 
-    def to_proto(self, into: pb.RawImage | None = None) -> pb.RawImage:
+    def to_proto(self, into: pb.RawImage | None = None, *, with_pixels: bool = True
+                 ) -> pb.RawImage:
         """The RawImage, written into ``into`` when given (a request's ``pixels``: no second
-        copy of the pixels, as ``CopyFrom`` would make); an rgb8 frame without padding
-        leaves format and step unset (the request any camserve server reads)."""
-        value = self.format_value
+        copy of the pixels, as ``CopyFrom`` would make); without ``with_pixels``, its header
+        alone (what ``camserve.protowire.with_image`` completes). An rgb8 frame without
+        padding leaves format and step unset (the request any camserve server reads)."""
         raw = pb.RawImage() if into is None else into
-        raw.height, raw.width, raw.pixels = self.height, self.width, self.data
-        raw.format, raw.step = 0 if value == pb.RGB8 else value, self.step
+        write_header(raw, self.height, self.width, self.format_value, self.step)
+        if with_pixels:
+            raw.pixels = self.data
         return raw
 
     def to_rgb(self) -> np.ndarray:
@@ -116,6 +104,37 @@ class Frame:
         ``Explanation.overlay`` on)."""
         return frame_to_rgb(self.height, self.width, self.data, self.format_value, self.step,
                             max_pixels=None, field="frame")
+
+
+def write_header(raw: pb.RawImage, height: int, width: int, pixel_format: int,
+                 step: int = 0) -> None:
+    """A RawImage's header fields (RGB8 written as format 0, unset)."""
+    raw.height, raw.width, raw.step = height, width, step
+    raw.format = 0 if pixel_format == pb.RGB8 else pixel_format
+
+
+def packed_array(array: Any, pixel_format: str | int = "rgb8"
+                 ) -> tuple[np.ndarray, int, int, str]:
+    """(a C-contiguous view or copy of ``array``, the frame's height and width, the format's
+    name) for a uint8 array as ``Frame.from_array`` takes it; a CallerError for any other
+    shape or dtype."""
+    name = layout_of(pixel_format, "pixel_format").name
+    array = np.asarray(array)
+    channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "yuyv": 2}.get(name)
+    shape = array.shape
+    if channels is not None:
+        ok = array.ndim == 3 and shape[2] == channels
+        height, width = shape[:2] if ok else (0, 0)
+    elif name == "mono8":
+        ok = array.ndim == 2 or (array.ndim == 3 and shape[2] == 1)
+        height, width = shape[:2] if ok else (0, 0)
+    else:  # nv12, i420: [H * 3/2, W]
+        ok = array.ndim == 2 and shape[0] % 3 == 0
+        height, width = (shape[0] * 2 // 3, shape[1]) if ok else (0, 0)
+    if not ok or array.dtype != np.uint8:
+        raise CallerError(f"an image array must be {ARRAY_SHAPES[name]} for pixel_format "
+                          f"{name!r}, got {array.dtype} {list(shape)}")
+    return np.ascontiguousarray(array), height, width, name
 
 
 def _bytes(data: Any) -> bytes:

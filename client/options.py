@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from camserve import tensors
-from camserve.client.frames import Frame
+from camserve import protowire, tensors
+from camserve.client.frames import Frame, packed_array, write_header
 from camserve.contract import Preprocessing
 from camserve.errors import CallerError
 from camserve.explain.frames import layout_of
@@ -130,6 +130,11 @@ class ExplainOptions:
         ``Frame``, a ROS 2 sensor_msgs/Image or its dict, or a uint8 array in
         ``pixel_format``, RGB [H,W,3] by default) or ``tensor`` (preprocessed float32
         [1,3,H,W])."""
+        return self.outgoing(image, tensor).to_request()
+
+    def outgoing(self, image: Any = None, tensor: np.ndarray | None = None) -> Outgoing:
+        """``to_request``'s request with the image's bytes beside it (``Outgoing``): what
+        ``Client`` serializes with one copy of the image."""
         if (image is None) == (tensor is None):
             raise CallerError("give exactly one of image= or tensor=")
         if self.resize_on_client and image is not None:
@@ -152,15 +157,45 @@ class ExplainOptions:
             request.output.regions.CopyFrom(pb.RegionOptions(
                 enabled=True, threshold=self.region_threshold, max_regions=self.max_regions,
                 min_area=self.min_area))
-        _set_image(request, image, tensor, self.pixel_format)
+        member, data = _image_parts(request, image, tensor, self.pixel_format)
         if self.window is not None:
-            if request.WhichOneof("image") != "encoded":
+            if member != "encoded":
                 raise CallerError("window applies to encoded files (a path or JPEG/PNG bytes); "
                                   "arrays, frames and tensors already hold 8-bit or model "
                                   "values")
             request.window.CopyFrom(pb.IntensityWindow(center=self.window[0],
                                                        width=self.window[1]))
-        return request
+        return Outgoing(request, member, data)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """An ExplainRequest about to be sent, its image's bytes beside it.
+
+    ``request`` has everything but those bytes: for ``member`` "pixels" its RawImage holds
+    the frame's header, for "encoded" the field is unset; ``member`` None (a tensor, which
+    ``request`` holds): ``image`` is empty. protobuf would copy the image into the message
+    and again to serialize it; ``serialized`` appends it to the serialized rest instead
+    (``camserve.protowire.with_image``: one copy).
+    """
+
+    request: pb.ExplainRequest
+    member: str | None
+    image: bytes | memoryview = b""
+
+    def serialized(self) -> bytes:
+        """The request's wire bytes, the image in them."""
+        head = self.request.SerializeToString()
+        return head if self.member is None else protowire.with_image(head, self.member,
+                                                                     self.image)
+
+    def to_request(self) -> pb.ExplainRequest:
+        """The whole message: ``request`` with the image written into it (a copy)."""
+        if self.member == "encoded":
+            self.request.encoded = bytes(self.image)
+        elif self.member == "pixels":
+            self.request.pixels.pixels = bytes(self.image)
+        return self.request
 
 
 @dataclass(frozen=True)
@@ -202,26 +237,31 @@ def _choose(option: str, value: str, allowed: Mapping[str, Any]) -> None:
         raise CallerError(f"unknown {option} {value!r}; choose one of: {', '.join(allowed)}")
 
 
-def _set_image(request: pb.ExplainRequest, image: Any, tensor: np.ndarray | None,
-               pixel_format: str | None = None) -> None:
-    """Fill the request's ``image`` oneof: tensor, encoded file bytes or a raw frame (a
-    ``Frame``, a ROS 2 image, or an array in ``pixel_format``, sent without conversion)."""
+def _image_parts(request: pb.ExplainRequest, image: Any, tensor: np.ndarray | None,
+                 pixel_format: str | None = None) -> tuple[str | None, bytes | memoryview]:
+    """The request's ``image`` oneof: a tensor goes into ``request`` (-> None, b""); encoded
+    file bytes -> ("encoded", the bytes); a raw frame (a ``Frame``, a ROS 2 image, or an
+    array in ``pixel_format``, sent without conversion) -> its header into
+    ``request.pixels``, and ("pixels", its bytes: an array's own memory, not a copy)."""
     if tensor is not None:
         request.tensor.CopyFrom(tensors.to_proto(np.asarray(tensor, np.float32)))
-    elif isinstance(image, (bytes, bytearray, memoryview, str, os.PathLike)):
+        return None, b""
+    if isinstance(image, (bytes, bytearray, memoryview, str, os.PathLike)):
         if pixel_format is not None:
             raise CallerError("pixel_format is for image arrays; raw frame bytes need a "
                               "Frame(data, height, width, pixel_format)")
-        request.encoded = (Path(image).read_bytes() if isinstance(image, (str, os.PathLike))
-                           else bytes(image))
-    elif isinstance(image, (Frame, Mapping)) or hasattr(image, "encoding"):
+        return "encoded", (Path(image).read_bytes() if isinstance(image, (str, os.PathLike))
+                           else image if isinstance(image, bytes) else bytes(image))
+    if isinstance(image, (Frame, Mapping)) or hasattr(image, "encoding"):
         frame = image if isinstance(image, Frame) else Frame.from_ros(image)
         if pixel_format not in (None, frame.pixel_format):
             raise CallerError(f"pixel_format {pixel_format!r} contradicts the frame's own "
                               f"{frame.pixel_format!r}")
-        frame.to_proto(into=request.pixels)
-    else:
-        Frame.from_array(image, pixel_format or "rgb8").to_proto(into=request.pixels)
+        frame.to_proto(into=request.pixels, with_pixels=False)
+        return "pixels", frame.data
+    packed, height, width, name = packed_array(image, pixel_format or "rgb8")
+    write_header(request.pixels, height, width, layout_of(name).value)
+    return "pixels", memoryview(packed.reshape(-1))
 
 
 def client_resized(image: Any, spec: Preprocessing, pixel_format: str | None = None,

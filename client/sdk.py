@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
-from camserve import tensors
+from camserve import protowire, tensors
 from camserve.client.explanation import Explanation, ServerTimings, from_targets
 from camserve.client.models import ModelInfo, model_info
-from camserve.client.options import ExplainOptions, StreamOptions, client_resized
+from camserve.client.options import ExplainOptions, Outgoing, StreamOptions, client_resized
 from camserve.contract import Preprocessing
 from camserve.errors import CallerError, RemoteError
 from camserve.explain.geometry import Geometry
@@ -88,6 +88,13 @@ class Client:
         self._channel = (grpc.secure_channel(target, credentials, options) if credentials
                          else grpc.insecure_channel(target, options))
         self._stub = pb_grpc.ExplainerStub(self._channel)
+        # Explain and ExplainStream with requests the SDK serializes itself (``Outgoing``:
+        # the image appended once, not copied in and out of a protobuf message)
+        self._explain_wire = self._channel.unary_unary(
+            protowire.method_path("Explain"), response_deserializer=pb.ExplainResponse.FromString)
+        self._explain_stream_wire = self._channel.stream_stream(
+            protowire.method_path("ExplainStream"),
+            response_deserializer=pb.ExplainResponse.FromString)
         self.timeout = timeout
         self.metadata = list(metadata or [])
         self._preprocessing: dict[str, Preprocessing] = {}  # model name -> its, for resizing
@@ -134,8 +141,8 @@ class Client:
             sent = image.height * image.width / (original[0] * original[1])
             merged = dataclasses.replace(merged, pixel_format=None, window=None,  # applied
                                          min_area=asked.min_area * sent)  # in sent pixels
-        request = merged.to_request(image, tensor)
-        response = self._stub.Explain(request, timeout=self.timeout, metadata=self.metadata)
+        request = merged.outgoing(image, tensor).serialized()
+        response = self._explain_wire(request, timeout=self.timeout, metadata=self.metadata)
         found = explanations(response)
         return found if resized is None else [_onto(e, original, asked) for e in found]
 
@@ -159,18 +166,19 @@ class Client:
         merged = ExplainOptions.merged(options, overrides)  # checked before the stream opens
         first = stream.to_proto() if stream is not None else None
 
-        def requests():
+        def requests() -> Iterator[bytes]:
             for index, frame in enumerate(frames):
                 if isinstance(frame, pb.ExplainRequest):
-                    request = frame
+                    outgoing = Outgoing(frame, None)
                 else:
-                    request = merged.to_request(frame)
-                    request.request_id = merged.request_id or str(index)
+                    outgoing = merged.outgoing(frame)
+                    outgoing.request.request_id = merged.request_id or str(index)
                 if index == 0 and first is not None:
-                    request = _with_stream(request, first)
-                yield request
+                    outgoing = dataclasses.replace(
+                        outgoing, request=_with_stream(outgoing.request, first))
+                yield outgoing.serialized()
 
-        call = self._stub.ExplainStream(
+        call = self._explain_stream_wire(
             requests(), timeout=self.timeout if timeout is CLIENT_TIMEOUT else timeout,
             metadata=self.metadata)
         return StreamCall(call, frames=stream is not None)

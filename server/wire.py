@@ -26,21 +26,26 @@ from dataclasses import dataclass
 
 import grpc
 
+from camserve.protowire import (
+    ENCODED,
+    I32,
+    I64,
+    IMAGE_MEMBERS,
+    LEN,
+    PIXELS,
+    RAW_PIXELS,
+    VARINT,
+    method_path,
+    tag,
+    varint,
+)
 from camserve.v1 import explainer_pb2 as pb
 
 SPLIT_ABOVE_BYTES = 256 * 1024
 # a walk in Python over many small fields would cost more than protobuf's parse in C: a
 # message with more fields than this (a real request has a few dozen) is parsed whole
 MAX_FIELDS = 256
-_SERVICE = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
-EXPLAIN_METHODS = (f"/{_SERVICE}/Explain", f"/{_SERVICE}/ExplainStream")  # take Received
-
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5  # the wire types a proto3 message uses
-_REQUEST = pb.ExplainRequest.DESCRIPTOR
-_ENCODED = _REQUEST.fields_by_name["encoded"].number
-_PIXELS = _REQUEST.fields_by_name["pixels"].number
-_IMAGE_MEMBERS = {field.number for field in _REQUEST.oneofs_by_name["image"].fields}
-_RAW_PIXELS = pb.RawImage.DESCRIPTOR.fields_by_name["pixels"].number
+EXPLAIN_METHODS = (method_path("Explain"), method_path("ExplainStream"))  # take Received
 
 
 @dataclass(frozen=True)
@@ -99,15 +104,15 @@ def _fields(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int,
 def _walk(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
     pos = start
     while pos < end:
-        tag, value = _varint(data, pos)
-        number, wire = tag >> 3, tag & 7
-        if wire == _VARINT:
+        key, value = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == VARINT:
             stop = _varint(data, value)[1]
-        elif wire == _I64:
+        elif wire == I64:
             stop = value + 8
-        elif wire == _I32:
+        elif wire == I32:
             stop = value + 4
-        elif wire == _LEN:
+        elif wire == LEN:
             length, value = _varint(data, value)
             stop = value + length
         else:  # groups (proto2 only) or no wire type at all
@@ -118,20 +123,7 @@ def _walk(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, in
         pos = stop
 
 
-def _tag(number: int, wire: int) -> bytes:
-    return _encode_varint(number << 3 | wire)
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_EMPTY_ENCODED = _tag(_ENCODED, _LEN) + b"\x00"  # present (the oneof is set), empty
+_EMPTY_ENCODED = tag(ENCODED, LEN) + b"\x00"  # present (the oneof is set), empty
 
 
 def _split(data: bytes) -> tuple[bytes, memoryview] | None:
@@ -146,20 +138,20 @@ def _split(data: bytes) -> tuple[bytes, memoryview] | None:
         fields = _fields(data, 0, len(data))
     except _Unexpected:
         return None
-    members = [f[0] for f in fields if f[0] in _IMAGE_MEMBERS and f[1] == _LEN]
-    if not members or members[-1] not in (_ENCODED, _PIXELS):
+    members = [f[0] for f in fields if f[0] in IMAGE_MEMBERS and f[1] == LEN]
+    if not members or members[-1] not in (ENCODED, PIXELS):
         return None  # no image, or a tensor
     view = memoryview(data)
     image, previous, mark = view[:0], None, 0
     parts: list[bytes | bytearray | memoryview] = []
     for number, wire, start, value, stop in fields:
-        if wire != _LEN or number not in _IMAGE_MEMBERS:
+        if wire != LEN or number not in IMAGE_MEMBERS:
             continue
         if number != previous:  # the member is set anew: it starts empty
             image, previous = view[:0], number
-        if number == _ENCODED:
+        if number == ENCODED:
             image, kept = view[value:stop], _EMPTY_ENCODED
-        elif number == _PIXELS:
+        elif number == PIXELS:
             try:
                 kept, pixels = _raw_image_without_pixels(data, value, stop)
             except _Unexpected:
@@ -180,11 +172,11 @@ def _raw_image_without_pixels(data: bytes, start: int, end: int
     view = memoryview(data)
     payload, pixels, mark = bytearray(), None, start
     for number, wire, field_start, value, stop in _fields(data, start, end):
-        if number == _RAW_PIXELS and wire == _LEN:
+        if number == RAW_PIXELS and wire == LEN:
             payload += view[mark:field_start]
             pixels, mark = view[value:stop], stop
     payload += view[mark:end]
-    return bytearray(_tag(_PIXELS, _LEN) + _encode_varint(len(payload))) + payload, pixels
+    return bytearray(tag(PIXELS, LEN) + varint(len(payload))) + payload, pixels
 
 
 class ZeroCopyImageInterceptor(grpc.ServerInterceptor):

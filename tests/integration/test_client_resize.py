@@ -20,6 +20,7 @@ from camserve.client.options import client_resized
 from camserve.contract import Preprocessing
 from camserve.errors import CallerError
 from camserve.explain.geometry import Geometry, to_original
+from camserve.v1 import explainer_pb2 as pb
 
 HEIGHT, WIDTH = 480, 640
 ATOL = 0.05  # measured max 0.010: uint8 rounding of the pre-resized frame
@@ -36,14 +37,15 @@ def _frame(height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
 
 
 class Recorder:
-    """The client's stub, recording what it sends."""
+    """The client's Explain call (the bytes it serializes itself) and its stub's GetModel,
+    recording the requests sent (as parsed from those bytes) and the GetModel calls."""
 
-    def __init__(self, stub) -> None:
-        self.stub, self.sent, self.model_calls = stub, [], 0
+    def __init__(self, explain, stub) -> None:
+        self.explain, self.stub, self.sent, self.model_calls = explain, stub, [], 0
 
-    def Explain(self, request, **kwargs):
-        self.sent.append(request)
-        return self.stub.Explain(request, **kwargs)
+    def __call__(self, request: bytes, **kwargs):
+        self.sent.append(pb.ExplainRequest.FromString(request))
+        return self.explain(request, **kwargs)
 
     def GetModel(self, request, **kwargs):
         self.model_calls += 1
@@ -53,7 +55,7 @@ class Recorder:
 @pytest.fixture()
 def client(server):
     with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
-        client._stub = Recorder(client._stub)
+        client._stub = client._explain_wire = Recorder(client._explain_wire, client._stub)
         yield client
 
 

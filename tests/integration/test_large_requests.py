@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
+from camserve.client import Client, ExplainOptions, explanations
 from camserve.errors import CallerError
 from camserve.server import wire
 from camserve.v1 import explainer_pb2 as pb
@@ -126,3 +127,20 @@ def test_large_bytes_that_are_no_request_are_invalid_argument(server, split_call
     assert cut.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid protobuf message" in cut.value.details()
     assert split_calls == []  # the parser raised: nothing was counted
+
+
+def test_the_sdk_sends_a_large_array_as_it_is(server, split_calls):
+    """Client.explain serializes the request itself (the array's bytes appended once); the
+    server reads it in place and answers as for the message parsed whole."""
+    bgr = cv2.cvtColor(_picture(), cv2.COLOR_RGB2BGR)
+    options = ExplainOptions(top_k=2, pixel_format="bgr8")
+    expected = explanations(server.service.explain(options.to_request(bgr)))
+    with Client(f"127.0.0.1:{server.port}", timeout=60) as client:
+        found = client.explain(bgr, options=options)
+        streamed = list(client.explain_stream([bgr, bgr], options=options))
+    for answer in (found, *streamed):
+        assert [e.class_index for e in answer] == [e.class_index for e in expected]
+        for a, b in zip(answer, expected):
+            np.testing.assert_array_equal(a.cam, b.cam)
+    assert split_calls == [True] * 3
+

@@ -9,6 +9,7 @@ import random
 import pytest
 from google.protobuf.message import DecodeError
 
+from camserve import protowire
 from camserve.server import wire
 from camserve.v1 import explainer_pb2 as pb
 
@@ -42,8 +43,8 @@ def _request(rng: random.Random) -> pb.ExplainRequest:
 def _unknown_field(rng: random.Random) -> bytes:
     """A field this schema does not have (number 900), varint or length-delimited."""
     if rng.random() < 0.5:
-        return wire._tag(900, 0) + wire._encode_varint(rng.randrange(1 << 40))
-    return wire._tag(900, 2) + wire._encode_varint(3) + b"abc"
+        return protowire.tag(900, 0) + protowire.varint(rng.randrange(1 << 40))
+    return protowire.tag(900, 2) + protowire.varint(3) + b"abc"
 
 
 def _wires(count: int) -> list[bytes]:
@@ -105,7 +106,7 @@ def test_cut_or_malformed_bytes_are_left_to_protobuf():
         assert wire._split(data[:cut]) is None
         with pytest.raises(DecodeError):
             pb.ExplainRequest.FromString(data[:cut])
-    group = wire._tag(5, 3) + wire._tag(5, 4)  # a group: proto2 only
+    group = protowire.tag(5, 3) + protowire.tag(5, 4)  # a group: proto2 only
     assert wire._split(group + data) is None
 
 
@@ -128,7 +129,7 @@ def test_large_requests_are_split_and_small_ones_parsed_whole():
 def test_a_request_of_many_small_fields_is_parsed_whole():
     """A large message made of many tiny (unknown) fields is left to protobuf's parser in C
     after MAX_FIELDS of them, not walked field by field in Python."""
-    filler = (wire._tag(900, 0) + b"\x01") * 200_000
+    filler = (protowire.tag(900, 0) + b"\x01") * 200_000
     data = filler + pb.ExplainRequest(encoded=b"\xff\xd8" * 10).SerializeToString()
     assert len(data) > wire.SPLIT_ABOVE_BYTES
     assert wire._split(data) is None
