@@ -173,9 +173,10 @@ class Outgoing:
     """An ExplainRequest about to be sent, its image's bytes beside it.
 
     ``request`` has everything but those bytes: for ``member`` "pixels" its RawImage holds
-    the frame's header, for "encoded" the field is unset; ``member`` None (a tensor, which
-    ``request`` holds): ``image`` is empty. protobuf would copy the image into the message
-    and again to serialize it; ``serialized`` appends it to the serialized rest instead
+    the frame's header, for "encoded" the field is unset. ``member`` None: ``request`` holds
+    its image itself (a tensor, or a message built elsewhere) and ``image`` is empty.
+    protobuf would copy the image into the message and again to serialize it;
+    ``serialized`` appends it to the serialized rest instead
     (``camserve.protowire.with_image``: one copy).
     """
 
