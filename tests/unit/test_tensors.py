@@ -61,17 +61,23 @@ def test_cast_copies_unless_told_not_to():
 
 
 def test_levels_clip_and_round_halves_to_even():
-    """Both sides of every level's rounding boundary (where halves go to even), values
-    outside [0, 1] and infinities; shapes kept."""
-    halves = (np.arange(256, dtype=np.float32) + np.float32(0.5)) / np.float32(255)
-    values = np.concatenate([
-        np.random.default_rng(3).random(200_000, dtype=np.float32), halves,
-        np.nextafter(halves, np.float32(2)), np.nextafter(halves, np.float32(-1)),
-        np.array([0.0, -0.0, 1.0, 1.0000001, 7.0, -0.001, -3.0, np.inf, -np.inf], np.float32)])
-    expected = np.rint(np.clip(values, 0, 1) * np.float32(255)).astype(np.uint8)
-    np.testing.assert_array_equal(tensors.to_levels(values), expected)
-    cube = values[:24].reshape(2, 3, 4)
-    assert tensors.to_levels(cube).shape == (2, 3, 4)
+    """Expectations not computed the way ``to_levels`` computes them: (k + 0.5) / 255 gives
+    exactly k + 0.5 in float32 and goes to the even neighbour, a little either side goes
+    to the nearer level; a float64 round of the product for random maps; values
+    outside [0, 1] and infinities saturate."""
+    k = np.arange(255)
+    halves = (k.astype(np.float32) + np.float32(0.5)) / np.float32(255)
+    np.testing.assert_array_equal(tensors.to_levels(halves), k + k % 2)
+    nudge = np.float32(1e-6)  # x 255 is far above float32's rounding of the product
+    np.testing.assert_array_equal(tensors.to_levels(halves + nudge), k + 1)
+    np.testing.assert_array_equal(tensors.to_levels(halves - nudge), k)
+    maps = np.random.default_rng(3).random((40, 50), dtype=np.float32)
+    product = maps.astype(np.float64) * 255  # exact, so only the halves could differ
+    levels = tensors.to_levels(maps)
+    assert levels.shape == (40, 50) and levels.dtype == np.uint8
+    assert np.abs(levels - product).max() <= 0.5
+    outside = np.array([-0.0, -0.001, -3.0, -np.inf, 1.0, 1.0000001, 7.0, np.inf], np.float32)
+    np.testing.assert_array_equal(tensors.to_levels(outside), [0] * 4 + [255] * 4)
     assert tensors.to_levels(np.zeros((0, 5), np.float32)).shape == (0, 5)
 
 
